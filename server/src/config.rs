@@ -1,0 +1,291 @@
+//! Command-line flags (each documented in `kord --help`) and the validated configuration the
+//! server runs with. Defaults are named constants; every check happens once, here.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::grpc::Limits;
+use crate::raft::{KordNode, NodeId};
+
+pub const DEFAULT_CLIENT_ADDR: &str = "127.0.0.1:7379";
+pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7380";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7381";
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+
+/// Kord: a replicated coordination service (znodes, versions, transactions) on Raft.
+///
+/// With no flags, runs a single-member cluster with its data in ./kord-data.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kord", version)]
+pub struct Args {
+    /// This member's id: a positive integer, unique in the cluster and never reused.
+    #[arg(long, env = "KORD_ID", default_value_t = 1)]
+    pub id: NodeId,
+
+    /// Where the Raft log, state and snapshots live. Restarting with the same directory resumes.
+    #[arg(long, env = "KORD_DATA_DIR", default_value = "kord-data")]
+    pub data_dir: PathBuf,
+
+    /// Address for the client gRPC API.
+    #[arg(long, env = "KORD_LISTEN_CLIENT", default_value = DEFAULT_CLIENT_ADDR)]
+    pub listen_client: SocketAddr,
+
+    /// Address for Raft traffic between members.
+    #[arg(long, env = "KORD_LISTEN_PEER", default_value = DEFAULT_PEER_ADDR)]
+    pub listen_peer: SocketAddr,
+
+    /// Address for HTTP: /healthz, /readyz, /metrics.
+    #[arg(long, env = "KORD_LISTEN_HTTP", default_value = DEFAULT_HTTP_ADDR)]
+    pub listen_http: SocketAddr,
+
+    /// Client address other members and clients use to reach this member [default: --listen-client].
+    #[arg(long, env = "KORD_ADVERTISE_CLIENT")]
+    pub advertise_client: Option<String>,
+
+    /// Peer address other members use to reach this member [default: --listen-peer].
+    #[arg(long, env = "KORD_ADVERTISE_PEER")]
+    pub advertise_peer: Option<String>,
+
+    /// Bootstraps a static cluster: "1=host:port,2=host:port,3=host:port" (peer addresses;
+    /// optionally "id=peer@client" to also publish client addresses). Used only when the data
+    /// directory is empty.
+    #[arg(long, env = "KORD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+
+    /// Starts as an empty member and asks the cluster at this client endpoint to add it.
+    #[arg(long, env = "KORD_JOIN", conflicts_with = "initial_cluster")]
+    pub join: Option<String>,
+
+    /// With --join: join as a learner (non-voting) only.
+    #[arg(long, requires = "join")]
+    pub join_as_learner: bool,
+
+    /// Leader heartbeat interval.
+    #[arg(long, env = "KORD_HEARTBEAT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Minimum election timeout; the maximum is twice this. Must exceed 3x the heartbeat.
+    #[arg(long, env = "KORD_ELECTION_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub election_timeout: Duration,
+
+    /// Take a snapshot after this many log entries since the last one.
+    #[arg(long, env = "KORD_SNAPSHOT_COUNT", default_value_t = 10_000)]
+    pub snapshot_count: u64,
+
+    /// Log entries kept behind a snapshot so slow followers can catch up without one.
+    #[arg(long, env = "KORD_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5_000)]
+    pub snapshot_catchup_entries: u64,
+
+    /// Largest znode value, in bytes.
+    #[arg(long, env = "KORD_MAX_VALUE_SIZE", default_value_t = DEFAULT_MAX_VALUE_BYTES)]
+    pub max_value_size: usize,
+
+    /// Most operations in one transaction.
+    #[arg(long, env = "KORD_MAX_TXN_OPS", default_value_t = DEFAULT_MAX_TXN_OPS)]
+    pub max_txn_ops: usize,
+
+    /// Largest client request, in bytes (a transaction's values count together).
+    #[arg(long, env = "KORD_MAX_REQUEST_SIZE", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_size: usize,
+
+    /// Log format: "text" or "json". Filter with RUST_LOG (default "info").
+    #[arg(long, env = "KORD_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How a member with an empty data directory starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Initialize a cluster of these voters.
+    Initialize(BTreeMap<NodeId, KordNode>),
+    /// Wait to be added; ask the cluster at this client endpoint to add us.
+    Join { endpoint: String, learner: bool },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    pub listen_client: SocketAddr,
+    pub listen_peer: SocketAddr,
+    pub listen_http: SocketAddr,
+    pub node: KordNode,
+    pub bootstrap: Bootstrap,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    pub snapshot_count: u64,
+    pub snapshot_catchup_entries: u64,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--id must be a positive integer")]
+    ZeroId,
+    #[error("--initial-cluster entry {entry:?}: {reason}")]
+    BadClusterEntry { entry: String, reason: &'static str },
+    #[error("--initial-cluster does not list this member's --id {0}")]
+    SelfMissing(NodeId),
+    #[error("--election-timeout ({election:?}) must be more than 3x --heartbeat-interval ({heartbeat:?})")]
+    Timeouts { election: Duration, heartbeat: Duration },
+    #[error("--{flag} must be at least {min}")]
+    TooSmall { flag: &'static str, min: u64 },
+}
+
+impl Args {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.id == 0 {
+            return Err(ConfigError::ZeroId);
+        }
+        if self.election_timeout <= self.heartbeat_interval * 3 {
+            return Err(ConfigError::Timeouts {
+                election: self.election_timeout,
+                heartbeat: self.heartbeat_interval,
+            });
+        }
+        for (flag, value, min) in [
+            ("snapshot-count", self.snapshot_count, 1),
+            ("max-value-size", self.max_value_size as u64, 1),
+            ("max-txn-ops", self.max_txn_ops as u64, 1),
+            ("max-request-size", self.max_request_size as u64, 1024),
+        ] {
+            if value < min {
+                return Err(ConfigError::TooSmall { flag, min });
+            }
+        }
+        let mut node = KordNode {
+            peer_addr: self
+                .advertise_peer
+                .clone()
+                .unwrap_or_else(|| self.listen_peer.to_string()),
+            client_addr: self
+                .advertise_client
+                .clone()
+                .unwrap_or_else(|| self.listen_client.to_string()),
+        };
+        let bootstrap = match (&self.initial_cluster, &self.join) {
+            (_, Some(endpoint)) => Bootstrap::Join {
+                endpoint: endpoint.clone(),
+                learner: self.join_as_learner,
+            },
+            (Some(spec), None) => {
+                let mut members = parse_initial_cluster(spec)?;
+                let me = members.get_mut(&self.id).ok_or(ConfigError::SelfMissing(self.id))?;
+                // This member knows its own client address even if the list does not.
+                if me.client_addr.is_empty() {
+                    me.client_addr = node.client_addr.clone();
+                }
+                if self.advertise_peer.is_none() {
+                    node.peer_addr = me.peer_addr.clone();
+                }
+                Bootstrap::Initialize(members)
+            }
+            (None, None) => Bootstrap::Initialize(BTreeMap::from([(self.id, node.clone())])),
+        };
+        Ok(Config {
+            id: self.id,
+            data_dir: self.data_dir,
+            listen_client: self.listen_client,
+            listen_peer: self.listen_peer,
+            listen_http: self.listen_http,
+            node,
+            bootstrap,
+            heartbeat_interval: self.heartbeat_interval,
+            election_timeout: self.election_timeout,
+            snapshot_count: self.snapshot_count,
+            snapshot_catchup_entries: self.snapshot_catchup_entries,
+            limits: Limits {
+                max_value_bytes: self.max_value_size,
+                max_txn_ops: self.max_txn_ops,
+                max_request_bytes: self.max_request_size.max(self.max_value_size + 64 * 1024),
+            },
+        })
+    }
+}
+
+/// Parses "1=host:port,2=host:port@client_host:port".
+pub fn parse_initial_cluster(spec: &str) -> Result<BTreeMap<NodeId, KordNode>, ConfigError> {
+    let mut members = BTreeMap::new();
+    for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let bad = |reason| ConfigError::BadClusterEntry {
+            entry: entry.to_owned(),
+            reason,
+        };
+        let (id, addrs) = entry.split_once('=').ok_or_else(|| bad("expected id=host:port"))?;
+        let id: NodeId = id.trim().parse().map_err(|_| bad("id is not a positive integer"))?;
+        if id == 0 {
+            return Err(bad("id is not a positive integer"));
+        }
+        let (peer, client) = addrs.split_once('@').unwrap_or((addrs, ""));
+        if !peer.contains(':') {
+            return Err(bad("peer address must be host:port"));
+        }
+        let node = KordNode {
+            peer_addr: peer.trim().to_owned(),
+            client_addr: client.trim().to_owned(),
+        };
+        if members.insert(id, node).is_some() {
+            return Err(bad("id listed twice"));
+        }
+    }
+    if members.is_empty() {
+        return Err(ConfigError::BadClusterEntry {
+            entry: spec.to_owned(),
+            reason: "no members",
+        });
+    }
+    Ok(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        Args::parse_from(std::iter::once("kord").chain(extra.iter().copied()))
+    }
+
+    #[test]
+    fn no_flags_is_a_single_member_cluster() {
+        let c = args(&[]).validate().unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("kord-data"));
+        assert_eq!(c.listen_client.to_string(), DEFAULT_CLIENT_ADDR);
+        let Bootstrap::Initialize(members) = c.bootstrap else { panic!() };
+        assert_eq!(members.len(), 1);
+        assert_eq!(members[&1].peer_addr, DEFAULT_PEER_ADDR);
+    }
+
+    #[test]
+    fn initial_cluster_parses_and_checks() {
+        let c = args(&["--id", "2", "--initial-cluster", "1=a:1,2=b:2@b:3,3=c:1"]).validate().unwrap();
+        let Bootstrap::Initialize(members) = c.bootstrap else { panic!() };
+        assert_eq!(members.len(), 3);
+        assert_eq!(members[&2].client_addr, "b:3");
+        assert_eq!(c.node.peer_addr, "b:2");
+        assert_eq!(
+            args(&["--id", "4", "--initial-cluster", "1=a:1"]).validate().unwrap_err(),
+            ConfigError::SelfMissing(4)
+        );
+        for bad in ["x=a:1", "0=a:1", "1=nohost", "1=a:1,1=b:2", "1"] {
+            assert!(parse_initial_cluster(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timeouts_are_checked() {
+        let err = args(&["--heartbeat-interval", "500ms", "--election-timeout", "1s"]).validate();
+        assert!(matches!(err, Err(ConfigError::Timeouts { .. })));
+    }
+}

@@ -1,0 +1,253 @@
+//! The `Kv` service: znode reads and writes.
+
+use std::sync::Arc;
+
+use kord_api::v1 as pb;
+use kord_api::v1::kv_server::Kv;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::{EdgeError, Limits};
+use crate::metrics::Metrics;
+use crate::proposal::Proposer;
+use crate::raft::{NodeId, Raft};
+use crate::state::{path, Command, Op, Reply, SubOp, SubReply};
+use crate::storage::state_machine::{AppliedState, SharedState};
+
+pub struct KvService {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub proposer: Proposer,
+    pub state: SharedState,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+}
+
+impl KvService {
+    fn header(&self, revision: u64) -> pb::ResponseHeader {
+        pb::ResponseHeader {
+            revision,
+            member_id: self.id,
+            raft_term: self.raft.metrics().borrow().current_term,
+        }
+    }
+
+    /// Counts the request by op and outcome, and converts the error.
+    fn finish<T>(&self, op: &'static str, result: Result<T, EdgeError>) -> Result<Response<T>, Status> {
+        let result = result.map(Response::new).map_err(Status::from);
+        let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.metrics.count_request(op, code);
+        result
+    }
+
+    fn check_op(&self, op: &SubOp) -> Result<(), EdgeError> {
+        match op {
+            // A sequential name may end in '/': the counter completes it, as in ZooKeeper.
+            SubOp::Create {
+                path,
+                sequential: true,
+                ..
+            } => path::validate(&format!("{path}0")).map_err(|mut e| {
+                e.path = path.clone();
+                e
+            })?,
+            _ => path::validate(op.path())?,
+        }
+        if let SubOp::Create { path, data, .. } | SubOp::Set { path, data, .. } = op {
+            if data.len() > self.limits.max_value_bytes {
+                return Err(EdgeError::ValueTooLarge {
+                    field: format!("value for {path}"),
+                    actual: data.len(),
+                    limit: self.limits.max_value_bytes,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn write(&self, write_id: Option<pb::WriteId>, op: Op) -> Result<(u64, Reply), EdgeError> {
+        match &op {
+            Op::Single(sub) => self.check_op(sub)?,
+            Op::Txn(ops) => {
+                if ops.len() > self.limits.max_txn_ops {
+                    return Err(EdgeError::TooManyOps {
+                        actual: ops.len(),
+                        limit: self.limits.max_txn_ops,
+                    });
+                }
+                for (i, sub) in ops.iter().enumerate() {
+                    self.check_op(sub).map_err(|e| EdgeError::InvalidArgument(format!("txn op {i}: {e}")))?;
+                }
+            }
+        }
+        let cmd = Command {
+            write_id: convert::write_id(write_id),
+            time_ms: 0,
+            op,
+        };
+        let out = self.proposer.propose(cmd).await?;
+        Ok((out.revision, out.reply?))
+    }
+
+    async fn write_single(&self, write_id: Option<pb::WriteId>, op: SubOp) -> Result<(pb::ResponseHeader, SubReply), EdgeError> {
+        let (revision, reply) = self.write(write_id, Op::Single(op)).await?;
+        match reply {
+            Reply::Single(r) => Ok((self.header(revision), r)),
+            other => Err(EdgeError::InvalidArgument(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Runs `f` on the applied state after the read barrier the request asks for.
+    async fn read<T>(
+        &self,
+        path: &str,
+        consistency: i32,
+        f: impl FnOnce(&AppliedState, pb::ResponseHeader) -> Result<T, EdgeError>,
+    ) -> Result<T, EdgeError> {
+        path::validate(path)?;
+        let consistency = pb::Consistency::try_from(consistency)
+            .map_err(|_| EdgeError::InvalidArgument(format!("consistency {consistency} is not a known value")))?;
+        if consistency == pb::Consistency::Linearizable {
+            self.proposer.read_barrier().await?;
+        }
+        let applied = self.state.read();
+        let header = self.header(applied.applied_index());
+        f(&applied, header)
+    }
+}
+
+fn no_node(path: &str) -> EdgeError {
+    EdgeError::NoNode { path: path.to_owned() }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    #[tracing::instrument(skip_all, fields(member = self.id, path = %req.get_ref().path))]
+    async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::CreateResponse>, Status> {
+        let r = req.into_inner();
+        let op = SubOp::Create {
+            path: r.path,
+            data: r.data,
+            sequential: r.sequential,
+        };
+        let result = self.write_single(r.write_id, op).await.and_then(|(header, reply)| match reply {
+            SubReply::Created { path, stat } => Ok(pb::CreateResponse {
+                header: Some(header),
+                path,
+                stat: Some(convert::stat(&stat)),
+            }),
+            other => Err(EdgeError::InvalidArgument(format!("unexpected reply {other:?}"))),
+        });
+        self.finish("create", result)
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let r = req.into_inner();
+        let result = self
+            .read(&r.path, r.consistency, |applied, header| {
+                let node = applied.state.get(&r.path).ok_or_else(|| no_node(&r.path))?;
+                Ok(pb::GetResponse {
+                    header: Some(header),
+                    data: node.data.clone(),
+                    stat: Some(convert::stat(&node.stat)),
+                })
+            })
+            .await;
+        self.finish("get", result)
+    }
+
+    #[tracing::instrument(skip_all, fields(member = self.id, path = %req.get_ref().path))]
+    async fn set(&self, req: Request<pb::SetRequest>) -> Result<Response<pb::SetResponse>, Status> {
+        let r = req.into_inner();
+        let op = SubOp::Set {
+            path: r.path,
+            data: r.data,
+            expected_version: r.expected_version,
+        };
+        let result = self.write_single(r.write_id, op).await.and_then(|(header, reply)| match reply {
+            SubReply::Set { stat } => Ok(pb::SetResponse {
+                header: Some(header),
+                stat: Some(convert::stat(&stat)),
+            }),
+            other => Err(EdgeError::InvalidArgument(format!("unexpected reply {other:?}"))),
+        });
+        self.finish("set", result)
+    }
+
+    #[tracing::instrument(skip_all, fields(member = self.id, path = %req.get_ref().path))]
+    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = req.into_inner();
+        let op = SubOp::Delete {
+            path: r.path,
+            expected_version: r.expected_version,
+        };
+        let result = self
+            .write_single(r.write_id, op)
+            .await
+            .map(|(header, _)| pb::DeleteResponse { header: Some(header) });
+        self.finish("delete", result)
+    }
+
+    async fn exists(&self, req: Request<pb::ExistsRequest>) -> Result<Response<pb::ExistsResponse>, Status> {
+        let r = req.into_inner();
+        let result = self
+            .read(&r.path, r.consistency, |applied, header| {
+                Ok(pb::ExistsResponse {
+                    header: Some(header),
+                    stat: applied.state.get(&r.path).map(|n| convert::stat(&n.stat)),
+                })
+            })
+            .await;
+        self.finish("exists", result)
+    }
+
+    async fn children(&self, req: Request<pb::ChildrenRequest>) -> Result<Response<pb::ChildrenResponse>, Status> {
+        let r = req.into_inner();
+        let result = self
+            .read(&r.path, r.consistency, |applied, header| {
+                let node = applied.state.get(&r.path).ok_or_else(|| no_node(&r.path))?;
+                let names: Vec<String> = node.children.iter().cloned().collect();
+                let stats = if r.with_stats {
+                    let prefix = if r.path == "/" { String::new() } else { r.path.clone() };
+                    names
+                        .iter()
+                        .filter_map(|name| applied.state.get(&format!("{prefix}/{name}")))
+                        .map(|child| convert::stat(&child.stat))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                Ok(pb::ChildrenResponse {
+                    header: Some(header),
+                    names,
+                    stats,
+                    stat: Some(convert::stat(&node.stat)),
+                })
+            })
+            .await;
+        self.finish("children", result)
+    }
+
+    #[tracing::instrument(skip_all, fields(member = self.id, ops = req.get_ref().ops.len()))]
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let r = req.into_inner();
+        let result = async {
+            let mut ops = Vec::with_capacity(r.ops.len());
+            for (i, op) in r.ops.into_iter().enumerate() {
+                ops.push(convert::txn_op(op).ok_or_else(|| EdgeError::InvalidArgument(format!("txn op {i}: op is not set")))?);
+            }
+            let (revision, reply) = self.write(r.write_id, Op::Txn(ops)).await?;
+            let header = self.header(revision);
+            let results = match reply {
+                Reply::Txn(replies) => replies.into_iter().map(|r| convert::txn_result(r, &header)).collect(),
+                other => return Err(EdgeError::InvalidArgument(format!("unexpected reply {other:?}"))),
+            };
+            Ok(pb::TxnResponse {
+                header: Some(header),
+                results,
+            })
+        }
+        .await;
+        self.finish("txn", result)
+    }
+}

@@ -1,0 +1,82 @@
+//! The client-facing gRPC edge: validates requests, hands them to the proposal layer or reads
+//! applied state, and maps every error to a status whose message names the path and limit.
+
+pub mod cluster;
+pub mod convert;
+pub mod kv;
+
+use tonic::{Code, Status};
+
+use crate::proposal::ProposeError;
+use crate::state::path::PathError;
+use crate::state::ApplyError;
+
+/// Request limits, validated once at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest znode value.
+    pub max_value_bytes: usize,
+    /// Most ops in one transaction.
+    pub max_txn_ops: usize,
+    /// Largest encoded request (all of a transaction's values together).
+    pub max_request_bytes: usize,
+}
+
+/// Everything that can go wrong at the edge, converted to a status in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("{field} is {actual} bytes; the limit is {limit} bytes (--max-value-size)")]
+    ValueTooLarge {
+        field: String,
+        actual: usize,
+        limit: usize,
+    },
+    #[error("txn has {actual} ops; the limit is {limit} (--max-txn-ops)")]
+    TooManyOps { actual: usize, limit: usize },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    #[error("node {path} does not exist")]
+    NoNode { path: String },
+}
+
+impl From<EdgeError> for Status {
+    fn from(e: EdgeError) -> Status {
+        let message = e.to_string();
+        match e {
+            EdgeError::Path(_)
+            | EdgeError::ValueTooLarge { .. }
+            | EdgeError::TooManyOps { .. }
+            | EdgeError::InvalidArgument(_) => Status::invalid_argument(message),
+            EdgeError::NoNode { .. } => Status::not_found(message),
+            EdgeError::Propose(_) => Status::unavailable(message),
+            EdgeError::Apply(ref apply) => {
+                let mut status = Status::new(apply_code(apply), message);
+                if let ApplyError::TxnOp { index, .. } = apply {
+                    if let Ok(v) = index.to_string().parse() {
+                        status.metadata_mut().insert("kord-failed-op", v);
+                    }
+                }
+                status
+            }
+        }
+    }
+}
+
+fn apply_code(e: &ApplyError) -> Code {
+    match e {
+        ApplyError::NoNode { .. } | ApplyError::NoParent { .. } => Code::NotFound,
+        ApplyError::NodeExists { .. } => Code::AlreadyExists,
+        ApplyError::BadVersion { .. } => Code::Aborted,
+        ApplyError::NotEmpty { .. } | ApplyError::SequenceOverflow { .. } | ApplyError::StaleWrite { .. } => {
+            Code::FailedPrecondition
+        }
+        ApplyError::RootNode { .. } => Code::InvalidArgument,
+        ApplyError::TxnOp { cause, .. } => apply_code(cause),
+    }
+}

@@ -1,0 +1,233 @@
+//! The proposal layer, between the gRPC edge and Raft. Writes are proposed on the leader; a
+//! follower forwards them over the peer link. The leader stamps its wall-clock time into the
+//! command here, so apply never reads a clock. Linearizable reads pass [`Proposer::read_barrier`]:
+//! the leader confirms its leadership with a quorum (read index), and the serving member waits
+//! until it has applied up to that index.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+use crate::raft::network::PeerChannels;
+use crate::raft::{NodeId, Raft};
+use crate::state::{ApplyOutput, Command};
+use crate::storage::codec;
+
+/// Why a proposal or read barrier did not complete. All of these are retryable by the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ProposeError {
+    #[error("no leader elected yet")]
+    NoLeader,
+    #[error("member {member} is not the leader (leader: {leader:?})")]
+    NotLeader { member: NodeId, leader: Option<NodeId> },
+    #[error("leader {leader} at {addr} could not be reached: {reason}")]
+    ForwardFailed {
+        leader: NodeId,
+        addr: String,
+        reason: String,
+    },
+    #[error("raft is shutting down: {0}")]
+    Stopped(String),
+    #[error("the cluster could not confirm leadership: {0}")]
+    QuorumLost(String),
+    #[error("timed out after {0:?} waiting for this member to apply the read index")]
+    ApplyTimeout(Duration),
+}
+
+/// What the leader returns for a forwarded write.
+pub type ForwardReply = Result<ApplyOutput, ProposeError>;
+
+#[derive(Clone)]
+pub struct Proposer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft,
+    channels: PeerChannels,
+    metrics: Arc<Metrics>,
+    /// How long to wait for a leader to appear or for apply to catch up.
+    wait: Duration,
+}
+
+/// Forwarding hops before giving up (leadership may move while a write is in flight).
+const MAX_ATTEMPTS: usize = 3;
+
+impl Proposer {
+    pub fn new(id: NodeId, raft: Raft, channels: PeerChannels, metrics: Arc<Metrics>, wait: Duration) -> Self {
+        Proposer {
+            inner: Arc::new(Inner {
+                id,
+                raft,
+                channels,
+                metrics,
+                wait,
+            }),
+        }
+    }
+
+    /// Proposes a command wherever the leader is and returns its apply result.
+    pub async fn propose(&self, cmd: Command) -> Result<ApplyOutput, ProposeError> {
+        let start = Instant::now();
+        let mut last_err = ProposeError::NoLeader;
+        for _ in 0..MAX_ATTEMPTS {
+            let leader = match self.leader().await {
+                Ok(l) => l,
+                Err(e) => return Err(e),
+            };
+            let result = if leader == self.inner.id {
+                self.propose_here(cmd.clone()).await
+            } else {
+                self.forward(leader, &cmd).await
+            };
+            match result {
+                Ok(out) => {
+                    self.inner.metrics.proposal_seconds.observe(start.elapsed().as_secs_f64());
+                    return Ok(out);
+                }
+                // Leadership moved: look for the new leader and try again.
+                Err(e @ ProposeError::NotLeader { .. }) => last_err = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Proposes on this member, which must be the leader.
+    pub async fn propose_here(&self, mut cmd: Command) -> ForwardReply {
+        cmd.time_ms = now_ms();
+        match self.inner.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
+                member: self.inner.id,
+                leader: f.leader_id,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(ProposeError::Stopped(e.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(ProposeError::Stopped(f.to_string())),
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, cmd: &Command) -> ForwardReply {
+        let addr = self.peer_addr(leader)?;
+        let failed = |reason: String| ProposeError::ForwardFailed {
+            leader,
+            addr: addr.clone(),
+            reason,
+        };
+        let mut client = self.inner.channels.client(&addr).map_err(|e| failed(e.to_string()))?;
+        let mut request = tonic::Request::new(kord_api::peer::Payload {
+            data: codec::encode(cmd),
+        });
+        request.set_timeout(self.inner.wait * 2);
+        let response = client.forward(request).await.map_err(|s| failed(s.message().to_owned()))?;
+        postcard::from_bytes::<ForwardReply>(&response.into_inner().data)
+            .map_err(|e| failed(format!("malformed reply: {e}")))?
+    }
+
+    /// The read index, confirmed by a quorum; only the leader can answer.
+    pub async fn read_index_here(&self) -> Result<u64, ProposeError> {
+        match self.inner.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |l| l.index)),
+            Err(e) => Err(self.check_leader_error(e)),
+        }
+    }
+
+    fn check_leader_error(&self, e: RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft::KordNode>>) -> ProposeError {
+        match e {
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => ProposeError::NotLeader {
+                member: self.inner.id,
+                leader: f.leader_id,
+            },
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => ProposeError::QuorumLost(q.to_string()),
+            RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
+        }
+    }
+
+    /// Returns once this member's state reflects every write acknowledged before the call.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let mut last_err = ProposeError::NoLeader;
+        for _ in 0..MAX_ATTEMPTS {
+            let leader = self.leader().await?;
+            let index = if leader == self.inner.id {
+                self.read_index_here().await
+            } else {
+                self.remote_read_index(leader).await
+            };
+            match index {
+                Ok(index) => return self.wait_applied(index).await,
+                Err(e @ ProposeError::NotLeader { .. }) => last_err = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn remote_read_index(&self, leader: NodeId) -> Result<u64, ProposeError> {
+        let addr = self.peer_addr(leader)?;
+        let failed = |reason: String| ProposeError::ForwardFailed {
+            leader,
+            addr: addr.clone(),
+            reason,
+        };
+        let mut client = self.inner.channels.client(&addr).map_err(|e| failed(e.to_string()))?;
+        let mut request = tonic::Request::new(kord_api::peer::Payload { data: Vec::new() });
+        request.set_timeout(self.inner.wait);
+        let response = client.read_index(request).await.map_err(|s| failed(s.message().to_owned()))?;
+        postcard::from_bytes::<Result<u64, ProposeError>>(&response.into_inner().data)
+            .map_err(|e| failed(format!("malformed reply: {e}")))?
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<(), ProposeError> {
+        let applied = self.inner.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+        if applied >= index {
+            return Ok(());
+        }
+        self.inner
+            .raft
+            .wait(Some(self.inner.wait))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|_| ProposeError::ApplyTimeout(self.inner.wait))
+    }
+
+    /// The current leader, waiting a bounded time for an election to finish.
+    async fn leader(&self) -> Result<NodeId, ProposeError> {
+        if let Some(l) = self.inner.raft.metrics().borrow().current_leader {
+            return Ok(l);
+        }
+        self.inner
+            .raft
+            .wait(Some(self.inner.wait))
+            .metrics(|m| m.current_leader.is_some(), "leader elected")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+            .ok_or(ProposeError::NoLeader)
+    }
+
+    fn peer_addr(&self, id: NodeId) -> Result<String, ProposeError> {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.peer_addr.clone())
+            .ok_or(ProposeError::NotLeader {
+                member: self.inner.id,
+                leader: Some(id),
+            })
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

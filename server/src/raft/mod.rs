@@ -1,0 +1,49 @@
+//! openraft's type configuration for Kord and the peer network. Together with `storage`, the
+//! only place that names openraft types; other modules use the aliases below.
+
+pub mod network;
+pub mod peer_service;
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{ApplyOutput, Command};
+
+pub type NodeId = u64;
+
+/// What every member knows about another: where to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KordNode {
+    /// Raft traffic and forwarding (the peer gRPC service).
+    pub peer_addr: String,
+    /// The client gRPC API; empty when not known (a member bootstrapped by peer address only).
+    pub client_addr: String,
+}
+
+impl fmt::Display for KordNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peer={} client={}", self.peer_addr, self.client_addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = ApplyOutput,
+        NodeId = NodeId,
+        Node = KordNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, KordNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, KordNode>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type RaftMetrics = openraft::RaftMetrics<NodeId, KordNode>;
+pub use openraft::{ServerState, Vote};

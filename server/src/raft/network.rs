@@ -1,0 +1,172 @@
+//! The peer network, client side: sends openraft's RPCs to other members over the peer gRPC
+//! service, postcard-encoded, and maps transport failures to openraft's error kinds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kord_api::peer::peer_client::PeerClient;
+use kord_api::peer::Payload;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{KordNode, NodeId, TypeConfig};
+
+/// Largest peer message: a snapshot chunk or a batch of log entries.
+pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// One lazily connected channel per peer address, shared by Raft traffic and forwarding.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+        let mut channels = self.channels.lock().expect("peer channel map poisoned");
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .connect_lazy();
+                channels.insert(addr.to_owned(), c.clone());
+                c
+            }
+        };
+        Ok(PeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
+    }
+}
+
+pub struct NetworkFactory {
+    pub channels: PeerChannels,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &KordNode) -> Self::Network {
+        PeerConnection {
+            target,
+            addr: node.peer_addr.clone(),
+            channels: self.channels.clone(),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    target: NodeId,
+    addr: String,
+    channels: PeerChannels,
+}
+
+/// Why a call failed before the remote Raft could answer.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("cannot reach {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("peer {addr} failed the call: {status}")]
+    Status { addr: String, status: tonic::Status },
+    #[error("bad payload from {addr}: {source}")]
+    Decode { addr: String, source: postcard::Error },
+}
+
+impl PeerConnection {
+    /// Sends one request and decodes the remote `Result<Resp, RaftError<E>>`.
+    async fn call<Req, Resp, E>(
+        &self,
+        rpc: &'static str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<NodeId, KordNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: DeserializeOwned + std::error::Error,
+    {
+        let payload = Payload {
+            data: crate::storage::codec::encode(req),
+        };
+        let mut client = self.channels.client(&self.addr).map_err(|e| {
+            RPCError::Unreachable(Unreachable::new(&CallError::Unreachable {
+                addr: self.addr.clone(),
+                source: Box::new(e),
+            }))
+        })?;
+        let mut request = tonic::Request::new(payload);
+        request.set_timeout(timeout);
+        let response = match rpc {
+            "append_entries" => client.append_entries(request).await,
+            "vote" => client.vote(request).await,
+            _ => client.install_snapshot(request).await,
+        };
+        let response = response.map_err(|status| {
+            let unreachable = matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown
+            );
+            let err = CallError::Status {
+                addr: self.addr.clone(),
+                status,
+            };
+            if unreachable {
+                RPCError::Unreachable(Unreachable::new(&err))
+            } else {
+                RPCError::Network(NetworkError::new(&err))
+            }
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            postcard::from_bytes(&response.into_inner().data).map_err(|source| {
+                RPCError::Network(NetworkError::new(&CallError::Decode {
+                    addr: self.addr.clone(),
+                    source,
+                }))
+            })?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, KordNode, RaftError<NodeId>>> {
+        self.call("append_entries", &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, KordNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call("install_snapshot", &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, KordNode, RaftError<NodeId>>> {
+        self.call("vote", &rpc, option.hard_ttl()).await
+    }
+}

@@ -1,0 +1,196 @@
+//! Wires the layers together and runs a member until shutdown: storage → Raft → proposal →
+//! gRPC (client and peer) and HTTP. Tests and `main.rs` both call [`run`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kord_api::peer::peer_server::PeerServer;
+use kord_api::v1::cluster_client::ClusterClient;
+use kord_api::v1::cluster_server::ClusterServer;
+use kord_api::v1::kv_server::KvServer;
+use kord_api::v1::AddMemberRequest;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{Bootstrap, Config};
+use crate::grpc::cluster::ClusterService;
+use crate::grpc::kv::KvService;
+use crate::http::{self, HttpContext};
+use crate::metrics::Metrics;
+use crate::proposal::Proposer;
+use crate::raft::network::{NetworkFactory, PeerChannels, MAX_PEER_MESSAGE_BYTES};
+use crate::raft::peer_service::PeerService;
+use crate::raft::Raft;
+use crate::storage::{self, LogStore, StateMachineStore};
+
+/// Runs a member until `shutdown` resolves, then stops Raft and the listeners.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let db = storage::open_db(&config.data_dir.join("db"))
+        .with_context(|| format!("opening RocksDB in {}", config.data_dir.display()))?;
+    let log_store = LogStore::new(db.clone(), metrics.clone())?;
+    let committed = log_store.committed_index();
+    let sm = StateMachineStore::open(db, &config.data_dir, metrics.clone())?;
+    let state = sm.shared();
+
+    let raft_config = openraft::Config {
+        cluster_name: "kord".into(),
+        heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: config.election_timeout.as_millis() as u64,
+        election_timeout_max: config.election_timeout.as_millis() as u64 * 2,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+        max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
+        ..Default::default()
+    }
+    .validate()
+    .context("raft configuration")?;
+    let channels = PeerChannels::default();
+    let network = NetworkFactory {
+        channels: channels.clone(),
+    };
+    let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
+        .await
+        .context("starting raft")?;
+
+    let client_listener = bind(config.listen_client, "client").await?;
+    let peer_listener = bind(config.listen_peer, "peer").await?;
+    let http_listener = bind(config.listen_http, "http").await?;
+
+    bootstrap(&config, &raft).await?;
+
+    let proposer = Proposer::new(
+        config.id,
+        raft.clone(),
+        channels,
+        metrics.clone(),
+        config.election_timeout * 3,
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.changed().await;
+    };
+
+    let kv = KvService {
+        id: config.id,
+        raft: raft.clone(),
+        proposer: proposer.clone(),
+        state: state.clone(),
+        limits: config.limits,
+        metrics: metrics.clone(),
+    };
+    let cluster = ClusterService {
+        id: config.id,
+        raft: raft.clone(),
+        state: state.clone(),
+        committed: committed.clone(),
+    };
+    let max_request = config.limits.max_request_bytes;
+    let client_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(KvServer::new(kv).max_decoding_message_size(max_request))
+        .add_service(ClusterServer::new(cluster))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), stopped(stop_rx.clone()));
+    let peer = PeerService {
+        raft: raft.clone(),
+        proposer,
+    };
+    let peer_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            PeerServer::new(peer)
+                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stopped(stop_rx.clone()));
+    let http_ctx = HttpContext {
+        raft: raft.clone(),
+        state,
+        committed,
+        metrics,
+    };
+    let client_task = tokio::spawn(client_server);
+    let peer_task = tokio::spawn(peer_server);
+    let http_task = tokio::spawn(http::serve(http_listener, http_ctx, stop_rx));
+    tracing::info!(
+        member = config.id,
+        client = %config.listen_client,
+        peer = %config.listen_peer,
+        http = %config.listen_http,
+        data_dir = %config.data_dir.display(),
+        "kord is serving"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    for task in [client_task, peer_task] {
+        if let Ok(Err(e)) = task.await {
+            tracing::warn!(error = %e, "server ended with an error");
+        }
+    }
+    let _ = http_task.await;
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener on {addr}"))
+}
+
+/// Initializes a new cluster or asks to join one. Never touches a member that has state:
+/// restarting on existing data resumes it.
+async fn bootstrap(config: &Config, raft: &Raft) -> anyhow::Result<()> {
+    if raft.is_initialized().await? {
+        tracing::info!(member = config.id, "resuming from existing data");
+        return Ok(());
+    }
+    match &config.bootstrap {
+        Bootstrap::Initialize(members) => {
+            tracing::info!(member = config.id, voters = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
+            if let Err(e) = raft.initialize(members.clone()).await {
+                // Another member's membership entry reached us first: nothing to do.
+                tracing::info!(error = %e, "not initializing");
+            }
+        }
+        Bootstrap::Join { endpoint, learner } => {
+            let request = AddMemberRequest {
+                id: config.id,
+                peer_addr: config.node.peer_addr.clone(),
+                client_addr: config.node.client_addr.clone(),
+                learner_only: *learner,
+            };
+            tokio::spawn(join(endpoint.clone(), request));
+        }
+    }
+    Ok(())
+}
+
+/// Asks the cluster to add this member, retrying (bounded) until it answers.
+async fn join(endpoint: String, request: AddMemberRequest) {
+    const ATTEMPTS: u32 = 60;
+    for attempt in 1..=ATTEMPTS {
+        let result = async {
+            let mut client = ClusterClient::connect(format!("http://{endpoint}")).await?;
+            client.add_member(request.clone()).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(%endpoint, "joined the cluster");
+                return;
+            }
+            Err(e) => tracing::warn!(%endpoint, attempt, error = %e, "join failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::error!(%endpoint, "gave up joining after {ATTEMPTS} attempts");
+}

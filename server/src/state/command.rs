@@ -1,0 +1,155 @@
+//! What goes into the replicated log (a [`Command`]) and what applying it returns
+//! ([`ApplyOutput`]). These types are encoded with postcard into log entries, snapshots and
+//! the deduplication table, so changing them changes the on-disk format.
+
+use serde::{Deserialize, Serialize};
+
+use super::Stat;
+
+/// Identifies a client's write for exactly-once application (Raft thesis §6.3).
+/// `client_id == 0` means the write is not deduplicated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteId {
+    pub client_id: u64,
+    pub seq: u64,
+    /// Every reply with a smaller seq reached the client: the server may forget them.
+    pub acked_below: u64,
+}
+
+/// One replicated write. `time_ms` is stamped by the leader when it proposes, so apply never
+/// reads a clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub write_id: WriteId,
+    pub time_ms: i64,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// One operation on its own.
+    Single(SubOp),
+    /// All or nothing, under one revision.
+    Txn(Vec<SubOp>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubOp {
+    Create {
+        path: String,
+        data: Vec<u8>,
+        sequential: bool,
+    },
+    Set {
+        path: String,
+        data: Vec<u8>,
+        expected_version: Option<i32>,
+    },
+    Delete {
+        path: String,
+        expected_version: Option<i32>,
+    },
+    Check {
+        path: String,
+        expected_version: Option<i32>,
+    },
+}
+
+impl SubOp {
+    pub fn path(&self) -> &str {
+        match self {
+            SubOp::Create { path, .. }
+            | SubOp::Set { path, .. }
+            | SubOp::Delete { path, .. }
+            | SubOp::Check { path, .. } => path,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SubOp::Create { .. } => "create",
+            SubOp::Set { .. } => "set",
+            SubOp::Delete { .. } => "delete",
+            SubOp::Check { .. } => "check",
+        }
+    }
+}
+
+/// The result of one [`SubOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubReply {
+    Created { path: String, stat: Stat },
+    Set { stat: Stat },
+    Deleted,
+    Checked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Entries that carry no command (Raft's blank and membership entries).
+    Nothing,
+    Single(SubReply),
+    Txn(Vec<SubReply>),
+}
+
+/// Why a command changed nothing. Deterministic data: it is stored for deduplicated retries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("node {path} does not exist")]
+    NoNode { path: String },
+    #[error("parent of {path} does not exist: {parent}")]
+    NoParent { path: String, parent: String },
+    #[error("node {path} already exists")]
+    NodeExists { path: String },
+    #[error("bad version for {path}: expected {expected}, actual {actual}")]
+    BadVersion {
+        path: String,
+        expected: i32,
+        actual: i32,
+    },
+    #[error("node {path} is not empty: it has {children} children")]
+    NotEmpty { path: String, children: u32 },
+    #[error("cannot {op} the root node")]
+    RootNode { op: String },
+    #[error("sequence counter of {parent} overflowed")]
+    SequenceOverflow { parent: String },
+    #[error("write (client {client_id}, seq {seq}) was already acknowledged and forgotten (acked below {acked_below})")]
+    StaleWrite {
+        client_id: u64,
+        seq: u64,
+        acked_below: u64,
+    },
+    #[error("txn op {index} ({kind} {path}) failed: {cause}")]
+    TxnOp {
+        index: u32,
+        kind: String,
+        path: String,
+        cause: Box<ApplyError>,
+    },
+}
+
+/// What applying one log entry produced: its revision (the log index) and the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyOutput {
+    pub revision: u64,
+    pub reply: Result<Reply, ApplyError>,
+}
+
+/// One change, as a watch will see it. A revision's events are stored together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    pub path: String,
+    /// The node's stat after the change (before it, for deletions).
+    pub stat: Stat,
+    /// The node's data after the change; empty for deletions and children changes.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Created,
+    Deleted,
+    DataChanged,
+    ChildrenChanged,
+}

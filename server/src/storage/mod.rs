@@ -1,0 +1,82 @@
+//! RocksDB storage: one database, one write-ahead log, several column families. The Raft log
+//! ([`log_store`]) and the state machine ([`state_machine`]) share the database on purpose:
+//! RocksDB replays its single WAL in order, so once a synced log write or purge is durable,
+//! every state-machine batch written before it is durable too.
+
+pub mod codec;
+pub mod log_store;
+pub mod snapshot;
+pub mod state_machine;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, DB};
+
+pub use log_store::LogStore;
+pub use state_machine::{AppliedState, StateMachineStore};
+
+/// Column families. Names are part of the on-disk format.
+pub mod cf {
+    /// Raft log entries by index.
+    pub const LOG: &str = "log";
+    /// Vote, last purged log id, committed log id.
+    pub const RAFT_META: &str = "raft_meta";
+    /// Znodes by path.
+    pub const NODES: &str = "nodes";
+    /// Deduplication records by client id.
+    pub const CLIENTS: &str = "clients";
+    /// Events by revision, kept until compaction.
+    pub const EVENTS: &str = "events";
+    /// Last applied log id, membership, compaction point.
+    pub const SM_META: &str = "sm_meta";
+
+    pub const ALL: [&str; 6] = [LOG, RAFT_META, NODES, CLIENTS, EVENTS, SM_META];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("column family {0} is missing")]
+    MissingColumnFamily(&'static str),
+    #[error("corrupt {what}: {source}")]
+    Decode {
+        what: &'static str,
+        source: postcard::Error,
+    },
+    #[error("snapshot file {path}: {source}")]
+    SnapshotFile {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Opens (or creates) the database with every column family.
+pub fn open_db(dir: &Path) -> Result<Arc<DB>, StoreError> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Keep the WAL: recovery replays it to the last complete batch.
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+    let cfs = cf::ALL.map(|name| {
+        let mut cf_opts = Options::default();
+        cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        ColumnFamilyDescriptor::new(name, cf_opts)
+    });
+    Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
+}
+
+pub(crate) fn cf_handle<'a>(db: &'a DB, name: &'static str) -> Result<&'a ColumnFamily, StoreError> {
+    db.cf_handle(name).ok_or(StoreError::MissingColumnFamily(name))
+}
+
+/// Errors at the openraft boundary must be openraft's `StorageError`.
+pub(crate) fn to_storage_error(
+    subject: openraft::ErrorSubject<crate::raft::NodeId>,
+    verb: openraft::ErrorVerb,
+    err: impl std::error::Error + 'static,
+) -> crate::raft::StorageError {
+    openraft::StorageIOError::new(subject, verb, openraft::AnyError::new(&err)).into()
+}

@@ -1,0 +1,27 @@
+//! openraft's storage test suite against Kord's RocksDB log store and state machine.
+
+use std::sync::Arc;
+
+use kord_server::metrics::Metrics;
+use kord_server::raft::{StorageError, TypeConfig};
+use kord_server::storage::{open_db, LogStore, StateMachineStore};
+use openraft::testing::{StoreBuilder, Suite};
+use tempfile::TempDir;
+
+struct RocksBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RocksBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = TempDir::new().expect("temp dir");
+        let metrics = Arc::new(Metrics::new());
+        let db = open_db(&dir.path().join("db")).expect("open rocksdb");
+        let log = LogStore::new(db.clone(), metrics.clone()).expect("log store");
+        let sm = StateMachineStore::open(db, dir.path(), metrics).expect("state machine");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() -> Result<(), StorageError> {
+    Suite::test_all(RocksBuilder)
+}
