@@ -139,7 +139,10 @@ pub enum ConfigError {
     #[error("--initial-cluster does not list this member's --id {0}")]
     SelfMissing(NodeId),
     #[error("--election-timeout ({election:?}) must be more than 3x --heartbeat-interval ({heartbeat:?})")]
-    Timeouts { election: Duration, heartbeat: Duration },
+    Timeouts {
+        election: Duration,
+        heartbeat: Duration,
+    },
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
 }
@@ -182,7 +185,9 @@ impl Args {
             },
             (Some(spec), None) => {
                 let mut members = parse_initial_cluster(spec)?;
-                let me = members.get_mut(&self.id).ok_or(ConfigError::SelfMissing(self.id))?;
+                let me = members
+                    .get_mut(&self.id)
+                    .ok_or(ConfigError::SelfMissing(self.id))?;
                 // This member knows its own client address even if the list does not.
                 if me.client_addr.is_empty() {
                     me.client_addr = node.client_addr.clone();
@@ -223,8 +228,13 @@ pub fn parse_initial_cluster(spec: &str) -> Result<BTreeMap<NodeId, KordNode>, C
             entry: entry.to_owned(),
             reason,
         };
-        let (id, addrs) = entry.split_once('=').ok_or_else(|| bad("expected id=host:port"))?;
-        let id: NodeId = id.trim().parse().map_err(|_| bad("id is not a positive integer"))?;
+        let (id, addrs) = entry
+            .split_once('=')
+            .ok_or_else(|| bad("expected id=host:port"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| bad("id is not a positive integer"))?;
         if id == 0 {
             return Err(bad("id is not a positive integer"));
         }
@@ -262,20 +272,28 @@ mod tests {
         let c = args(&[]).validate().unwrap();
         assert_eq!(c.data_dir, PathBuf::from("kord-data"));
         assert_eq!(c.listen_client.to_string(), DEFAULT_CLIENT_ADDR);
-        let Bootstrap::Initialize(members) = c.bootstrap else { panic!() };
+        let Bootstrap::Initialize(members) = c.bootstrap else {
+            panic!()
+        };
         assert_eq!(members.len(), 1);
         assert_eq!(members[&1].peer_addr, DEFAULT_PEER_ADDR);
     }
 
     #[test]
     fn initial_cluster_parses_and_checks() {
-        let c = args(&["--id", "2", "--initial-cluster", "1=a:1,2=b:2@b:3,3=c:1"]).validate().unwrap();
-        let Bootstrap::Initialize(members) = c.bootstrap else { panic!() };
+        let c = args(&["--id", "2", "--initial-cluster", "1=a:1,2=b:2@b:3,3=c:1"])
+            .validate()
+            .unwrap();
+        let Bootstrap::Initialize(members) = c.bootstrap else {
+            panic!()
+        };
         assert_eq!(members.len(), 3);
         assert_eq!(members[&2].client_addr, "b:3");
         assert_eq!(c.node.peer_addr, "b:2");
         assert_eq!(
-            args(&["--id", "4", "--initial-cluster", "1=a:1"]).validate().unwrap_err(),
+            args(&["--id", "4", "--initial-cluster", "1=a:1"])
+                .validate()
+                .unwrap_err(),
             ConfigError::SelfMissing(4)
         );
         for bad in ["x=a:1", "0=a:1", "1=nohost", "1=a:1,1=b:2", "1"] {

@@ -29,7 +29,11 @@ pub struct HttpContext {
     pub metrics: Arc<Metrics>,
 }
 
-pub async fn serve(listener: TcpListener, ctx: HttpContext, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: HttpContext,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -62,13 +66,19 @@ fn route(ctx: &HttpContext, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match not_ready_reason(ctx) {
             None => text(StatusCode::OK, "ready\n".into()),
-            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         "/metrics" => {
             refresh_gauges(ctx);
             text(StatusCode::OK, ctx.metrics.encode())
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        ),
     }
 }
 
@@ -90,7 +100,8 @@ fn not_ready_reason(ctx: &HttpContext) -> Option<String> {
     let applied = ctx.state.read().applied_index();
     let committed = ctx.committed.load(Ordering::Relaxed);
     let lag = committed.saturating_sub(applied);
-    (lag > READY_MAX_APPLY_LAG).then(|| format!("applied index {applied} is {lag} entries behind commit {committed}"))
+    (lag > READY_MAX_APPLY_LAG)
+        .then(|| format!("applied index {applied} is {lag} entries behind commit {committed}"))
 }
 
 fn refresh_gauges(ctx: &HttpContext) {
@@ -103,7 +114,8 @@ fn refresh_gauges(ctx: &HttpContext) {
     let m = &ctx.metrics;
     m.term.set(raft.current_term as i64);
     m.leader_id.set(raft.current_leader.unwrap_or(0) as i64);
-    m.is_leader.set(i64::from(raft.state == ServerState::Leader));
+    m.is_leader
+        .set(i64::from(raft.state == ServerState::Leader));
     m.commit_index.set(committed as i64);
     m.applied_index.set(applied as i64);
     m.apply_lag.set(committed.saturating_sub(applied) as i64);

@@ -56,18 +56,62 @@ impl Metrics {
             znodes: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Client requests by operation and gRPC status code", m.requests.clone());
-        registry.register("proposal_duration_seconds", "Time from proposing a write to its apply result", m.proposal_seconds.clone());
-        registry.register("fsync_duration_seconds", "Time of synced Raft log writes (append, vote, truncate, purge)", m.fsync_seconds.clone());
-        registry.register("snapshots", "Snapshots built by this member", m.snapshots.clone());
-        registry.register("snapshot_size_bytes", "Size of the last snapshot built", m.snapshot_bytes.clone());
+        registry.register(
+            "requests",
+            "Client requests by operation and gRPC status code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "proposal_duration_seconds",
+            "Time from proposing a write to its apply result",
+            m.proposal_seconds.clone(),
+        );
+        registry.register(
+            "fsync_duration_seconds",
+            "Time of synced Raft log writes (append, vote, truncate, purge)",
+            m.fsync_seconds.clone(),
+        );
+        registry.register(
+            "snapshots",
+            "Snapshots built by this member",
+            m.snapshots.clone(),
+        );
+        registry.register(
+            "snapshot_size_bytes",
+            "Size of the last snapshot built",
+            m.snapshot_bytes.clone(),
+        );
         registry.register("raft_term", "Current Raft term", m.term.clone());
-        registry.register("leader_id", "Id of the known leader (0: none)", m.leader_id.clone());
-        registry.register("is_leader", "1 if this member is the leader", m.is_leader.clone());
-        registry.register("commit_index", "Highest committed log index known here", m.commit_index.clone());
-        registry.register("applied_index", "Highest log index applied to the state machine", m.applied_index.clone());
-        registry.register("apply_lag", "commit_index - applied_index", m.apply_lag.clone());
-        registry.register("znodes", "Number of znodes, the root included", m.znodes.clone());
+        registry.register(
+            "leader_id",
+            "Id of the known leader (0: none)",
+            m.leader_id.clone(),
+        );
+        registry.register(
+            "is_leader",
+            "1 if this member is the leader",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "commit_index",
+            "Highest committed log index known here",
+            m.commit_index.clone(),
+        );
+        registry.register(
+            "applied_index",
+            "Highest log index applied to the state machine",
+            m.applied_index.clone(),
+        );
+        registry.register(
+            "apply_lag",
+            "commit_index - applied_index",
+            m.apply_lag.clone(),
+        );
+        registry.register(
+            "znodes",
+            "Number of znodes, the root included",
+            m.znodes.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -22,7 +22,10 @@ pub enum ProposeError {
     #[error("no leader elected yet")]
     NoLeader,
     #[error("member {member} is not the leader (leader: {leader:?})")]
-    NotLeader { member: NodeId, leader: Option<NodeId> },
+    NotLeader {
+        member: NodeId,
+        leader: Option<NodeId>,
+    },
     #[error("leader {leader} at {addr} could not be reached: {reason}")]
     ForwardFailed {
         leader: NodeId,
@@ -58,7 +61,13 @@ struct Inner {
 const MAX_ATTEMPTS: usize = 3;
 
 impl Proposer {
-    pub fn new(id: NodeId, raft: Raft, channels: PeerChannels, metrics: Arc<Metrics>, wait: Duration) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        channels: PeerChannels,
+        metrics: Arc<Metrics>,
+        wait: Duration,
+    ) -> Self {
         Proposer {
             inner: Arc::new(Inner {
                 id,
@@ -86,7 +95,10 @@ impl Proposer {
             };
             match result {
                 Ok(out) => {
-                    self.inner.metrics.proposal_seconds.observe(start.elapsed().as_secs_f64());
+                    self.inner
+                        .metrics
+                        .proposal_seconds
+                        .observe(start.elapsed().as_secs_f64());
                     return Ok(out);
                 }
                 // Leadership moved: look for the new leader and try again.
@@ -102,10 +114,12 @@ impl Proposer {
         cmd.time_ms = now_ms();
         match self.inner.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
-                member: self.inner.id,
-                leader: f.leader_id,
-            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader {
+                    member: self.inner.id,
+                    leader: f.leader_id,
+                })
+            }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(ProposeError::Stopped(e.to_string()))
             }
@@ -120,12 +134,19 @@ impl Proposer {
             addr: addr.clone(),
             reason,
         };
-        let mut client = self.inner.channels.client(&addr).map_err(|e| failed(e.to_string()))?;
+        let mut client = self
+            .inner
+            .channels
+            .client(&addr)
+            .map_err(|e| failed(e.to_string()))?;
         let mut request = tonic::Request::new(kord_api::peer::Payload {
             data: codec::encode(cmd),
         });
         request.set_timeout(self.inner.wait * 2);
-        let response = client.forward(request).await.map_err(|s| failed(s.message().to_owned()))?;
+        let response = client
+            .forward(request)
+            .await
+            .map_err(|s| failed(s.message().to_owned()))?;
         postcard::from_bytes::<ForwardReply>(&response.into_inner().data)
             .map_err(|e| failed(format!("malformed reply: {e}")))?
     }
@@ -138,13 +159,20 @@ impl Proposer {
         }
     }
 
-    fn check_leader_error(&self, e: RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft::KordNode>>) -> ProposeError {
+    fn check_leader_error(
+        &self,
+        e: RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft::KordNode>>,
+    ) -> ProposeError {
         match e {
-            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => ProposeError::NotLeader {
-                member: self.inner.id,
-                leader: f.leader_id,
-            },
-            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => ProposeError::QuorumLost(q.to_string()),
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+                ProposeError::NotLeader {
+                    member: self.inner.id,
+                    leader: f.leader_id,
+                }
+            }
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+                ProposeError::QuorumLost(q.to_string())
+            }
             RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
         }
     }
@@ -175,16 +203,29 @@ impl Proposer {
             addr: addr.clone(),
             reason,
         };
-        let mut client = self.inner.channels.client(&addr).map_err(|e| failed(e.to_string()))?;
+        let mut client = self
+            .inner
+            .channels
+            .client(&addr)
+            .map_err(|e| failed(e.to_string()))?;
         let mut request = tonic::Request::new(kord_api::peer::Payload { data: Vec::new() });
         request.set_timeout(self.inner.wait);
-        let response = client.read_index(request).await.map_err(|s| failed(s.message().to_owned()))?;
+        let response = client
+            .read_index(request)
+            .await
+            .map_err(|s| failed(s.message().to_owned()))?;
         postcard::from_bytes::<Result<u64, ProposeError>>(&response.into_inner().data)
             .map_err(|e| failed(format!("malformed reply: {e}")))?
     }
 
     async fn wait_applied(&self, index: u64) -> Result<(), ProposeError> {
-        let applied = self.inner.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+        let applied = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
         if applied >= index {
             return Ok(());
         }

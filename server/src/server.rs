@@ -25,7 +25,10 @@ use crate::raft::Raft;
 use crate::storage::{self, LogStore, StateMachineStore};
 
 /// Runs a member until `shutdown` resolves, then stops Raft and the listeners.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
@@ -93,7 +96,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .tcp_nodelay(true)
         .add_service(KvServer::new(kv).max_decoding_message_size(max_request))
         .add_service(ClusterServer::new(cluster))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(client_listener),
+            stopped(stop_rx.clone()),
+        );
     let peer = PeerService {
         raft: raft.clone(),
         proposer,
@@ -105,7 +111,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(peer_listener),
+            stopped(stop_rx.clone()),
+        );
     let http_ctx = HttpContext {
         raft: raft.clone(),
         state,

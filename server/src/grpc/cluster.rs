@@ -37,7 +37,11 @@ impl ClusterService {
         let matched: BTreeMap<NodeId, u64> = metrics
             .replication
             .as_ref()
-            .map(|r| r.iter().map(|(id, l)| (*id, l.map_or(0, |l| l.index))).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
+                    .collect()
+            })
             .unwrap_or_default();
         membership
             .nodes()
@@ -58,7 +62,10 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let metrics = self.raft.metrics().borrow().clone();
         let (applied_index, digest, znodes, compacted) = {
             let applied = self.state.read();
@@ -85,7 +92,10 @@ impl Cluster for ClusterService {
         }))
     }
 
-    async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
+    async fn add_member(
+        &self,
+        req: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::AddMemberResponse>, Status> {
         let r = req.into_inner();
         if r.id == 0 {
             return Err(Status::invalid_argument("id must be a positive integer"));
@@ -106,8 +116,12 @@ impl Cluster for ClusterService {
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])), false)
                 .await
-                .map_err(|e| Status::unavailable(format!("promoting member {} to voter: {e}", r.id)))?;
+                .map_err(|e| {
+                    Status::unavailable(format!("promoting member {} to voter: {e}", r.id))
+                })?;
         }
-        Ok(Response::new(pb::AddMemberResponse { members: self.members() }))
+        Ok(Response::new(pb::AddMemberResponse {
+            members: self.members(),
+        }))
     }
 }

@@ -68,5 +68,7 @@ pub fn txn_result(reply: SubReply, header: &pb::ResponseHeader) -> pb::TxnOpResu
         }),
         SubReply::Checked => R::Check(pb::CheckResult {}),
     };
-    pb::TxnOpResult { result: Some(result) }
+    pb::TxnOpResult {
+        result: Some(result),
+    }
 }

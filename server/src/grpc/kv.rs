@@ -33,9 +33,15 @@ impl KvService {
     }
 
     /// Counts the request by op and outcome, and converts the error.
-    fn finish<T>(&self, op: &'static str, result: Result<T, EdgeError>) -> Result<Response<T>, Status> {
+    fn finish<T>(
+        &self,
+        op: &'static str,
+        result: Result<T, EdgeError>,
+    ) -> Result<Response<T>, Status> {
         let result = result.map(Response::new).map_err(Status::from);
-        let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
         self.metrics.count_request(op, code);
         result
     }
@@ -65,7 +71,11 @@ impl KvService {
         Ok(())
     }
 
-    async fn write(&self, write_id: Option<pb::WriteId>, op: Op) -> Result<(u64, Reply), EdgeError> {
+    async fn write(
+        &self,
+        write_id: Option<pb::WriteId>,
+        op: Op,
+    ) -> Result<(u64, Reply), EdgeError> {
         match &op {
             Op::Single(sub) => self.check_op(sub)?,
             Op::Txn(ops) => {
@@ -76,7 +86,8 @@ impl KvService {
                     });
                 }
                 for (i, sub) in ops.iter().enumerate() {
-                    self.check_op(sub).map_err(|e| EdgeError::InvalidArgument(format!("txn op {i}: {e}")))?;
+                    self.check_op(sub)
+                        .map_err(|e| EdgeError::InvalidArgument(format!("txn op {i}: {e}")))?;
                 }
             }
         }
@@ -89,11 +100,15 @@ impl KvService {
         Ok((out.revision, out.reply?))
     }
 
-    async fn write_single(&self, write_id: Option<pb::WriteId>, op: SubOp) -> Result<(pb::ResponseHeader, SubReply), EdgeError> {
+    async fn write_single(
+        &self,
+        write_id: Option<pb::WriteId>,
+        op: SubOp,
+    ) -> Result<(pb::ResponseHeader, SubReply), EdgeError> {
         let (revision, reply) = self.write(write_id, Op::Single(op)).await?;
         match reply {
             Reply::Single(r) => Ok((self.header(revision), r)),
-            other => Err(EdgeError::InvalidArgument(format!("unexpected reply {other:?}"))),
+            _ => Err(EdgeError::WriteIdReused),
         }
     }
 
@@ -105,8 +120,9 @@ impl KvService {
         f: impl FnOnce(&AppliedState, pb::ResponseHeader) -> Result<T, EdgeError>,
     ) -> Result<T, EdgeError> {
         path::validate(path)?;
-        let consistency = pb::Consistency::try_from(consistency)
-            .map_err(|_| EdgeError::InvalidArgument(format!("consistency {consistency} is not a known value")))?;
+        let consistency = pb::Consistency::try_from(consistency).map_err(|_| {
+            EdgeError::InvalidArgument(format!("consistency {consistency} is not a known value"))
+        })?;
         if consistency == pb::Consistency::Linearizable {
             self.proposer.read_barrier().await?;
         }
@@ -117,27 +133,35 @@ impl KvService {
 }
 
 fn no_node(path: &str) -> EdgeError {
-    EdgeError::NoNode { path: path.to_owned() }
+    EdgeError::NoNode {
+        path: path.to_owned(),
+    }
 }
 
 #[tonic::async_trait]
 impl Kv for KvService {
     #[tracing::instrument(skip_all, fields(member = self.id, path = %req.get_ref().path))]
-    async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::CreateResponse>, Status> {
+    async fn create(
+        &self,
+        req: Request<pb::CreateRequest>,
+    ) -> Result<Response<pb::CreateResponse>, Status> {
         let r = req.into_inner();
         let op = SubOp::Create {
             path: r.path,
             data: r.data,
             sequential: r.sequential,
         };
-        let result = self.write_single(r.write_id, op).await.and_then(|(header, reply)| match reply {
-            SubReply::Created { path, stat } => Ok(pb::CreateResponse {
-                header: Some(header),
-                path,
-                stat: Some(convert::stat(&stat)),
-            }),
-            other => Err(EdgeError::InvalidArgument(format!("unexpected reply {other:?}"))),
-        });
+        let result =
+            self.write_single(r.write_id, op)
+                .await
+                .and_then(|(header, reply)| match reply {
+                    SubReply::Created { path, stat } => Ok(pb::CreateResponse {
+                        header: Some(header),
+                        path,
+                        stat: Some(convert::stat(&stat)),
+                    }),
+                    _ => Err(EdgeError::WriteIdReused),
+                });
         self.finish("create", result)
     }
 
@@ -164,31 +188,42 @@ impl Kv for KvService {
             data: r.data,
             expected_version: r.expected_version,
         };
-        let result = self.write_single(r.write_id, op).await.and_then(|(header, reply)| match reply {
-            SubReply::Set { stat } => Ok(pb::SetResponse {
-                header: Some(header),
-                stat: Some(convert::stat(&stat)),
-            }),
-            other => Err(EdgeError::InvalidArgument(format!("unexpected reply {other:?}"))),
-        });
+        let result =
+            self.write_single(r.write_id, op)
+                .await
+                .and_then(|(header, reply)| match reply {
+                    SubReply::Set { stat } => Ok(pb::SetResponse {
+                        header: Some(header),
+                        stat: Some(convert::stat(&stat)),
+                    }),
+                    _ => Err(EdgeError::WriteIdReused),
+                });
         self.finish("set", result)
     }
 
     #[tracing::instrument(skip_all, fields(member = self.id, path = %req.get_ref().path))]
-    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let r = req.into_inner();
         let op = SubOp::Delete {
             path: r.path,
             expected_version: r.expected_version,
         };
-        let result = self
-            .write_single(r.write_id, op)
-            .await
-            .map(|(header, _)| pb::DeleteResponse { header: Some(header) });
+        let result =
+            self.write_single(r.write_id, op)
+                .await
+                .map(|(header, _)| pb::DeleteResponse {
+                    header: Some(header),
+                });
         self.finish("delete", result)
     }
 
-    async fn exists(&self, req: Request<pb::ExistsRequest>) -> Result<Response<pb::ExistsResponse>, Status> {
+    async fn exists(
+        &self,
+        req: Request<pb::ExistsRequest>,
+    ) -> Result<Response<pb::ExistsResponse>, Status> {
         let r = req.into_inner();
         let result = self
             .read(&r.path, r.consistency, |applied, header| {
@@ -201,14 +236,21 @@ impl Kv for KvService {
         self.finish("exists", result)
     }
 
-    async fn children(&self, req: Request<pb::ChildrenRequest>) -> Result<Response<pb::ChildrenResponse>, Status> {
+    async fn children(
+        &self,
+        req: Request<pb::ChildrenRequest>,
+    ) -> Result<Response<pb::ChildrenResponse>, Status> {
         let r = req.into_inner();
         let result = self
             .read(&r.path, r.consistency, |applied, header| {
                 let node = applied.state.get(&r.path).ok_or_else(|| no_node(&r.path))?;
                 let names: Vec<String> = node.children.iter().cloned().collect();
                 let stats = if r.with_stats {
-                    let prefix = if r.path == "/" { String::new() } else { r.path.clone() };
+                    let prefix = if r.path == "/" {
+                        String::new()
+                    } else {
+                        r.path.clone()
+                    };
                     names
                         .iter()
                         .filter_map(|name| applied.state.get(&format!("{prefix}/{name}")))
@@ -234,13 +276,18 @@ impl Kv for KvService {
         let result = async {
             let mut ops = Vec::with_capacity(r.ops.len());
             for (i, op) in r.ops.into_iter().enumerate() {
-                ops.push(convert::txn_op(op).ok_or_else(|| EdgeError::InvalidArgument(format!("txn op {i}: op is not set")))?);
+                ops.push(convert::txn_op(op).ok_or_else(|| {
+                    EdgeError::InvalidArgument(format!("txn op {i}: op is not set"))
+                })?);
             }
             let (revision, reply) = self.write(r.write_id, Op::Txn(ops)).await?;
             let header = self.header(revision);
             let results = match reply {
-                Reply::Txn(replies) => replies.into_iter().map(|r| convert::txn_result(r, &header)).collect(),
-                other => return Err(EdgeError::InvalidArgument(format!("unexpected reply {other:?}"))),
+                Reply::Txn(replies) => replies
+                    .into_iter()
+                    .map(|r| convert::txn_result(r, &header))
+                    .collect(),
+                _ => return Err(EdgeError::WriteIdReused),
             };
             Ok(pb::TxnResponse {
                 header: Some(header),

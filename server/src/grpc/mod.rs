@@ -43,6 +43,9 @@ pub enum EdgeError {
     Propose(#[from] ProposeError),
     #[error("node {path} does not exist")]
     NoNode { path: String },
+    /// A retry must repeat its write exactly; a seq reused for another kind of op is a bug.
+    #[error("write_id (client_id, seq) was already used for a different operation")]
+    WriteIdReused,
 }
 
 impl From<EdgeError> for Status {
@@ -54,6 +57,7 @@ impl From<EdgeError> for Status {
             | EdgeError::TooManyOps { .. }
             | EdgeError::InvalidArgument(_) => Status::invalid_argument(message),
             EdgeError::NoNode { .. } => Status::not_found(message),
+            EdgeError::WriteIdReused => Status::failed_precondition(message),
             EdgeError::Propose(_) => Status::unavailable(message),
             EdgeError::Apply(ref apply) => {
                 let mut status = Status::new(apply_code(apply), message);
@@ -73,9 +77,9 @@ fn apply_code(e: &ApplyError) -> Code {
         ApplyError::NoNode { .. } | ApplyError::NoParent { .. } => Code::NotFound,
         ApplyError::NodeExists { .. } => Code::AlreadyExists,
         ApplyError::BadVersion { .. } => Code::Aborted,
-        ApplyError::NotEmpty { .. } | ApplyError::SequenceOverflow { .. } | ApplyError::StaleWrite { .. } => {
-            Code::FailedPrecondition
-        }
+        ApplyError::NotEmpty { .. }
+        | ApplyError::SequenceOverflow { .. }
+        | ApplyError::StaleWrite { .. } => Code::FailedPrecondition,
         ApplyError::RootNode { .. } => Code::InvalidArgument,
         ApplyError::TxnOp { cause, .. } => apply_code(cause),
     }

@@ -84,7 +84,10 @@ enum CallError {
     #[error("peer {addr} failed the call: {status}")]
     Status { addr: String, status: tonic::Status },
     #[error("bad payload from {addr}: {source}")]
-    Decode { addr: String, source: postcard::Error },
+    Decode {
+        addr: String,
+        source: postcard::Error,
+    },
 }
 
 impl PeerConnection {

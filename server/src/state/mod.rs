@@ -387,7 +387,9 @@ impl State {
                 expected_version,
             } => {
                 if path == "/" {
-                    return Err(ApplyError::RootNode { op: "delete".into() });
+                    return Err(ApplyError::RootNode {
+                        op: "delete".into(),
+                    });
                 }
                 let node = self.existing(path, *expected_version)?;
                 if !node.children.is_empty() {

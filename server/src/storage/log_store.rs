@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftLogId};
+use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftLogReader};
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 
 use super::codec::{self, u64_key};
@@ -31,7 +31,10 @@ impl LogStore {
             committed: Arc::new(AtomicU64::new(0)),
             metrics,
         };
-        if let Some(c) = store.read_meta::<Option<LogId>>(codec::COMMITTED)?.flatten() {
+        if let Some(c) = store
+            .read_meta::<Option<LogId>>(codec::COMMITTED)?
+            .flatten()
+        {
             store.committed.store(c.index, Ordering::Relaxed);
         }
         Ok(store)
@@ -41,7 +44,10 @@ impl LogStore {
         self.committed.clone()
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
         let cf = cf_handle(&self.db, cf::RAFT_META)?;
         match self.db.get_pinned_cf(cf, key)? {
             Some(bytes) => Ok(Some(codec::decode("raft meta", &bytes)?)),
@@ -55,7 +61,9 @@ impl LogStore {
         opts.set_sync(true);
         let start = Instant::now();
         self.db.write_opt(batch, &opts)?;
-        self.metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .fsync_seconds
+            .observe(start.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -91,9 +99,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let cf = cf_handle(&self.db, cf::LOG)?;
             let mut entries = Vec::new();
             let key = u64_key(start);
-            for item in self.db.iterator_cf(cf, IteratorMode::From(&key, Direction::Forward)) {
+            for item in self
+                .db
+                .iterator_cf(cf, IteratorMode::From(&key, Direction::Forward))
+            {
                 let (key, value) = item?;
-                let Some(index) = codec::key_u64(&key) else { break };
+                let Some(index) = codec::key_u64(&key) else {
+                    break;
+                };
                 if !range.contains(&index) {
                     break;
                 }
@@ -127,7 +140,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let write = || -> Result<(), StoreError> {
             let mut batch = WriteBatch::default();
-            batch.put_cf(cf_handle(&self.db, cf::RAFT_META)?, codec::VOTE, codec::encode(vote));
+            batch.put_cf(
+                cf_handle(&self.db, cf::RAFT_META)?,
+                codec::VOTE,
+                codec::encode(vote),
+            );
             self.write_synced(batch)
         };
         write().map_err(|e| to_storage_error(ErrorSubject::Vote, ErrorVerb::Write, e))
@@ -142,7 +159,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Not synced: after a crash openraft re-learns the commit index from the leader.
         let write = || -> Result<(), StoreError> {
             let cf = cf_handle(&self.db, cf::RAFT_META)?;
-            self.db.put_cf(cf, codec::COMMITTED, codec::encode(&committed))?;
+            self.db
+                .put_cf(cf, codec::COMMITTED, codec::encode(&committed))?;
             Ok(())
         };
         write().map_err(log_err(ErrorVerb::Write))?;
@@ -159,7 +177,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -173,7 +195,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.write_synced(batch)
         };
         let result = write().map_err(|e| std::io::Error::other(e.to_string()));
-        let failed = result.as_ref().err().map(|e| std::io::Error::new(e.kind(), e.to_string()));
+        let failed = result
+            .as_ref()
+            .err()
+            .map(|e| std::io::Error::new(e.kind(), e.to_string()));
         callback.log_io_completed(result);
         match failed {
             None => Ok(()),
@@ -184,7 +209,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let write = || -> Result<(), StoreError> {
             let mut batch = WriteBatch::default();
-            batch.delete_range_cf(cf_handle(&self.db, cf::LOG)?, u64_key(log_id.index), u64_key(u64::MAX));
+            batch.delete_range_cf(
+                cf_handle(&self.db, cf::LOG)?,
+                u64_key(log_id.index),
+                u64_key(u64::MAX),
+            );
             self.write_synced(batch)
         };
         write().map_err(log_err(ErrorVerb::Delete))
@@ -193,8 +222,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let write = || -> Result<(), StoreError> {
             let mut batch = WriteBatch::default();
-            batch.put_cf(cf_handle(&self.db, cf::RAFT_META)?, codec::LAST_PURGED, codec::encode(&log_id));
-            batch.delete_range_cf(cf_handle(&self.db, cf::LOG)?, u64_key(0), u64_key(log_id.index + 1));
+            batch.put_cf(
+                cf_handle(&self.db, cf::RAFT_META)?,
+                codec::LAST_PURGED,
+                codec::encode(&log_id),
+            );
+            batch.delete_range_cf(
+                cf_handle(&self.db, cf::LOG)?,
+                u64_key(0),
+                u64_key(log_id.index + 1),
+            );
             // Synced: a purge must never be durable while the state it relies on is not.
             self.write_synced(batch)
         };

@@ -68,8 +68,12 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, StoreError> {
     Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
 }
 
-pub(crate) fn cf_handle<'a>(db: &'a DB, name: &'static str) -> Result<&'a ColumnFamily, StoreError> {
-    db.cf_handle(name).ok_or(StoreError::MissingColumnFamily(name))
+pub(crate) fn cf_handle<'a>(
+    db: &'a DB,
+    name: &'static str,
+) -> Result<&'a ColumnFamily, StoreError> {
+    db.cf_handle(name)
+        .ok_or(StoreError::MissingColumnFamily(name))
 }
 
 /// Errors at the openraft boundary must be openraft's `StorageError`.

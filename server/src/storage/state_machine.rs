@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::RaftStateMachine;
-use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot,
+};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 
 use super::codec::{self, u64_key};
@@ -62,7 +64,11 @@ fn sm_err(verb: ErrorVerb) -> impl FnOnce(StoreError) -> StorageError {
 
 impl StateMachineStore {
     /// Loads the applied state from RocksDB.
-    pub fn open(db: Arc<DB>, data_dir: &std::path::Path, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+    pub fn open(
+        db: Arc<DB>,
+        data_dir: &std::path::Path,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let applied = load_applied(&db)?;
         Ok(StateMachineStore {
             db,
@@ -125,9 +131,17 @@ impl StateMachineStore {
                 None => batch.delete_cf(clients_cf, u64_key(*id)),
             }
         }
-        batch.put_cf(meta_cf, codec::LAST_APPLIED, codec::encode(&applied.last_applied));
+        batch.put_cf(
+            meta_cf,
+            codec::LAST_APPLIED,
+            codec::encode(&applied.last_applied),
+        );
         if membership_changed {
-            batch.put_cf(meta_cf, codec::MEMBERSHIP, codec::encode(&applied.membership));
+            batch.put_cf(
+                meta_cf,
+                codec::MEMBERSHIP,
+                codec::encode(&applied.membership),
+            );
         }
         // Not synced: the committed log entries are durable, and a later synced log write or
         // purge makes this batch durable too (one WAL, replayed in order).
@@ -140,7 +154,11 @@ impl StateMachineStore {
         let data: SnapshotData = codec::decode("snapshot", &bytes)?;
         let mut batch = WriteBatch::default();
         for name in [cf::NODES, cf::CLIENTS, cf::EVENTS, cf::SM_META] {
-            batch.delete_range_cf(cf_handle(&self.db, name)?, b"".as_slice(), codec::KEY_MAX.as_slice());
+            batch.delete_range_cf(
+                cf_handle(&self.db, name)?,
+                b"".as_slice(),
+                codec::KEY_MAX.as_slice(),
+            );
         }
         let nodes_cf = cf_handle(&self.db, cf::NODES)?;
         for (k, v) in &data.nodes {
@@ -152,8 +170,16 @@ impl StateMachineStore {
         }
         let meta_cf = cf_handle(&self.db, cf::SM_META)?;
         let compacted = meta.last_log_id.map_or(0, |l| l.index);
-        batch.put_cf(meta_cf, codec::LAST_APPLIED, codec::encode(&meta.last_log_id));
-        batch.put_cf(meta_cf, codec::MEMBERSHIP, codec::encode(&meta.last_membership));
+        batch.put_cf(
+            meta_cf,
+            codec::LAST_APPLIED,
+            codec::encode(&meta.last_log_id),
+        );
+        batch.put_cf(
+            meta_cf,
+            codec::MEMBERSHIP,
+            codec::encode(&meta.last_membership),
+        );
         batch.put_cf(meta_cf, codec::COMPACTED, codec::encode(&compacted));
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
@@ -248,9 +274,12 @@ impl SnapshotBuilder {
         let snap = self.db.snapshot();
         let meta_cf = cf_handle(&self.db, cf::SM_META)?;
         let get = |k: &[u8]| snap.get_cf(meta_cf, k);
-        let last_applied: Option<LogId> = get_meta::<Option<LogId>>(get, codec::LAST_APPLIED)?.flatten();
+        let last_applied: Option<LogId> =
+            get_meta::<Option<LogId>>(get, codec::LAST_APPLIED)?.flatten();
         let membership: StoredMembership = get_meta(get, codec::MEMBERSHIP)?.unwrap_or_default();
-        let data = read_state_cfs(&self.db, |cf| collect_kv(snap.iterator_cf(cf, IteratorMode::Start)))?;
+        let data = read_state_cfs(&self.db, |cf| {
+            collect_kv(snap.iterator_cf(cf, IteratorMode::Start))
+        })?;
         let n = self.builds.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, n),
@@ -318,8 +347,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         tracing::info!(snapshot = %meta.snapshot_id, "installing snapshot");
-        self.install(meta, snapshot.into_inner())
-            .map_err(|e| to_storage_error(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e))
+        self.install(meta, snapshot.into_inner()).map_err(|e| {
+            to_storage_error(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        })
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {

@@ -1,0 +1,224 @@
+//! Renders kordctl results as text for people or JSON for scripts. Stat fields keep the proto's
+//! snake_case names in both.
+
+use serde_json::{json, Value};
+
+use crate::{Created, MemberRole, Op, OpResult, Stat, StatusResponse};
+
+pub fn stat_json(stat: &Stat) -> Value {
+    json!({
+        "create_revision": stat.create_revision,
+        "modify_revision": stat.modify_revision,
+        "children_revision": stat.children_revision,
+        "ctime_ms": stat.ctime_ms,
+        "mtime_ms": stat.mtime_ms,
+        "version": stat.version,
+        "cversion": stat.cversion,
+        "ephemeral_owner": stat.ephemeral_owner,
+        "data_length": stat.data_length,
+        "num_children": stat.num_children,
+    })
+}
+
+/// `name = value` lines, one per Stat field, in proto order.
+pub fn stat_text(stat: &Stat) -> String {
+    let Value::Object(fields) = stat_json(stat) else {
+        return String::new();
+    };
+    let order = [
+        "create_revision",
+        "modify_revision",
+        "children_revision",
+        "ctime_ms",
+        "mtime_ms",
+        "version",
+        "cversion",
+        "ephemeral_owner",
+        "data_length",
+        "num_children",
+    ];
+    order
+        .iter()
+        .filter_map(|k| fields.get(*k).map(|v| format!("{k} = {v}\n")))
+        .collect()
+}
+
+pub fn created_json(created: &Created) -> Value {
+    json!({ "path": created.path, "stat": stat_json(&created.stat) })
+}
+
+/// Children as a table: name, version, data length, child count, last modify revision.
+pub fn children_text(children: &[(String, Stat)]) -> String {
+    let rows: Vec<[String; 5]> = children
+        .iter()
+        .map(|(name, s)| {
+            [
+                name.clone(),
+                s.version.to_string(),
+                s.data_length.to_string(),
+                s.num_children.to_string(),
+                s.modify_revision.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        [
+            "NAME",
+            "VERSION",
+            "DATA_LENGTH",
+            "NUM_CHILDREN",
+            "MODIFY_REVISION",
+        ],
+        &rows,
+    )
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Create {
+            sequential: true, ..
+        } => "create-seq",
+        Op::Create { .. } => "create",
+        Op::Set { .. } => "set",
+        Op::Delete { .. } => "delete",
+        Op::Check { .. } => "check",
+    }
+}
+
+/// One line per op: its kind, the path it acted on (the created one for creates) and, for
+/// writes that produce one, the new version.
+pub fn txn_text(ops: &[Op], results: &[OpResult]) -> String {
+    ops.iter()
+        .zip(results)
+        .map(|(op, result)| match result {
+            OpResult::Create(c) => format!("{} {}\n", op_name(op), c.path),
+            OpResult::Set(stat) => format!("set {} version={}\n", op.path(), stat.version),
+            OpResult::Delete | OpResult::Check => format!("{} {}\n", op_name(op), op.path()),
+        })
+        .collect()
+}
+
+pub fn txn_json(ops: &[Op], results: &[OpResult]) -> Value {
+    let results: Vec<Value> = ops
+        .iter()
+        .zip(results)
+        .map(|(op, result)| match result {
+            OpResult::Create(c) => json!({
+                "op": op_name(op), "path": c.path, "stat": stat_json(&c.stat)
+            }),
+            OpResult::Set(stat) => json!({
+                "op": "set", "path": op.path(), "stat": stat_json(stat)
+            }),
+            OpResult::Delete | OpResult::Check => json!({ "op": op_name(op), "path": op.path() }),
+        })
+        .collect();
+    json!({ "results": results })
+}
+
+fn role_name(role: i32) -> String {
+    MemberRole::try_from(role)
+        .map(|r| r.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("role-{role}"))
+}
+
+pub fn status_json(s: &StatusResponse) -> Value {
+    let members: Vec<Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "peer_addr": m.peer_addr,
+                "client_addr": m.client_addr,
+                "role": role_name(m.role),
+                "matched_index": m.matched_index,
+                "is_leader": m.id == s.leader_id,
+            })
+        })
+        .collect();
+    json!({
+        "member_id": s.member_id,
+        "leader_id": s.leader_id,
+        "raft_term": s.raft_term,
+        "raft_state": s.raft_state,
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
+        "last_log_index": s.last_log_index,
+        "snapshot_index": s.snapshot_index,
+        "state_digest": s.state_digest,
+        "znode_count": s.znode_count,
+        "compacted_revision": s.compacted_revision,
+        "members": members,
+    })
+}
+
+pub fn status_text(s: &StatusResponse) -> String {
+    let leader = if s.leader_id == 0 {
+        "none".to_owned()
+    } else {
+        s.leader_id.to_string()
+    };
+    let mut out = format!(
+        "member {} ({})  leader {}  term {}\n\
+         commit_index {}  applied_index {}  last_log_index {}  snapshot_index {}\n\
+         znodes {}  state_digest {:016x}  compacted_revision {}\n\n",
+        s.member_id,
+        s.raft_state,
+        leader,
+        s.raft_term,
+        s.commit_index,
+        s.applied_index,
+        s.last_log_index,
+        s.snapshot_index,
+        s.znode_count,
+        s.state_digest,
+        s.compacted_revision,
+    );
+    let rows: Vec<[String; 5]> = s
+        .members
+        .iter()
+        .map(|m| {
+            let mark = if m.id == s.leader_id { "*" } else { "" };
+            [
+                format!("{}{mark}", m.id),
+                role_name(m.role),
+                m.client_addr.clone(),
+                m.peer_addr.clone(),
+                m.matched_index.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        ["ID", "ROLE", "CLIENT_ADDR", "PEER_ADDR", "MATCHED_INDEX"],
+        &rows,
+    ));
+    out.push_str("(* = leader)\n");
+    out
+}
+
+/// Left-aligned columns two spaces apart, header first.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(header);
+    for row in rows {
+        out.push_str(&line(row.each_ref().map(String::as_str)));
+    }
+    out
+}

@@ -1,0 +1,719 @@
+//! The connection to a Kord cluster: one lazy channel per endpoint, a preference for the leader,
+//! retries with backoff across endpoints, and the typed znode calls built on them.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kord_api::v1::cluster_client::ClusterClient;
+use kord_api::v1::kv_client::KvClient;
+use kord_api::v1::{
+    ChildrenRequest, Consistency, CreateRequest, DeleteRequest, ExistsRequest, GetRequest,
+    SetRequest, Stat, StatusRequest, StatusResponse, TxnRequest, WriteId,
+};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::write_id::WriteTracker;
+use crate::{CreateOptions, Created, Error, Op, OpResult};
+
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(15);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const BACKOFF_START: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Leader discovery is only an optimisation, so it must never hold a caller up for long.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+const NO_LEADER: usize = usize::MAX;
+
+/// Configures a [`Client`]. Endpoints are `host:port` (a scheme, if given, is kept).
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    max_retries: Option<u32>,
+    retry_budget: Duration,
+    consistency: Consistency,
+}
+
+impl ClientBuilder {
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        ClientBuilder {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_retries: None,
+            retry_budget: DEFAULT_RETRY_BUDGET,
+            consistency: Consistency::Linearizable,
+        }
+    }
+
+    /// Deadline of each attempt (sent to the server as `grpc-timeout` and enforced locally).
+    /// Default 5 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for a TCP connection to one endpoint before trying the next. Default 1 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Caps the number of retries of one call. Default: no cap, only the retry budget.
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = Some(retries);
+        self
+    }
+
+    /// Total time one call may spend retrying before its last error is returned. Default 15 s,
+    /// enough to ride out a leader election.
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
+    }
+
+    /// Consistency of reads that don't name one. Default linearizable.
+    pub fn consistency(mut self, consistency: Consistency) -> Self {
+        self.consistency = consistency;
+        self
+    }
+
+    /// Builds the channels (they connect on first use) and, with several endpoints, asks them
+    /// who leads. Fails only on a malformed or empty endpoint list: an unreachable cluster shows
+    /// up on the first call instead, so a client can be made before the servers are up.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let addrs: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if addrs.is_empty() {
+            return Err(Error::invalid("no endpoints given"));
+        }
+        let endpoints = addrs
+            .into_iter()
+            .map(|addr| {
+                let channel = lazy_channel(&addr, self.connect_timeout)?;
+                Ok(EndpointConn { addr, channel })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let inner = Arc::new(Inner {
+            endpoints,
+            leader: AtomicUsize::new(NO_LEADER),
+            current: AtomicUsize::new(0),
+            discovering: AtomicBool::new(false),
+            writes: WriteTracker::new(rand::random_range(1..=u64::MAX)),
+            request_timeout: self.request_timeout,
+            connect_timeout: self.connect_timeout,
+            max_retries: self.max_retries,
+            retry_budget: self.retry_budget,
+        });
+        if inner.endpoints.len() > 1 {
+            inner.discover().await;
+        }
+        Ok(Client {
+            inner,
+            consistency: self.consistency,
+        })
+    }
+}
+
+/// A handle to a Kord cluster. Cloning is cheap and clones share channels, leader knowledge and
+/// the write numbering, so one client can serve a whole process.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    consistency: Consistency,
+}
+
+#[derive(Debug)]
+struct EndpointConn {
+    addr: String,
+    channel: Channel,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoints: Vec<EndpointConn>,
+    /// Index of the leader's endpoint, or `NO_LEADER`.
+    leader: AtomicUsize,
+    /// Endpoint for requests that need no leader, or when the leader is unknown; advanced past
+    /// an endpoint when a call to it fails.
+    current: AtomicUsize,
+    /// Keeps failures from piling up concurrent discoveries.
+    discovering: AtomicBool,
+    writes: WriteTracker,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    max_retries: Option<u32>,
+    retry_budget: Duration,
+}
+
+/// What a call is, which decides where it goes and which failures may be retried.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Write,
+    Read(Consistency),
+    Status,
+}
+
+impl Kind {
+    fn prefers_leader(self) -> bool {
+        matches!(self, Kind::Write | Kind::Read(Consistency::Linearizable))
+    }
+
+    /// A write that timed out may have been applied; its outcome is reported rather than
+    /// guessed at. Reads have no outcome to lose.
+    fn retries_timeouts(self) -> bool {
+        !matches!(self, Kind::Write)
+    }
+
+    fn is_retryable(self, err: &Error) -> bool {
+        match err {
+            Error::Unavailable(_) => true,
+            Error::Timeout(_) => self.retries_timeouts(),
+            _ => false,
+        }
+    }
+}
+
+/// The write requests, which all carry a `WriteId`.
+trait WriteRequest: Clone {
+    fn set_write_id(&mut self, id: WriteId);
+}
+
+macro_rules! write_request {
+    ($($t:ty),*) => {$(
+        impl WriteRequest for $t {
+            fn set_write_id(&mut self, id: WriteId) {
+                self.write_id = Some(id);
+            }
+        }
+    )*};
+}
+write_request!(CreateRequest, SetRequest, DeleteRequest, TxnRequest);
+
+impl Client {
+    /// Connects with default settings; see [`ClientBuilder`].
+    pub async fn connect(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<Client, Error> {
+        ClientBuilder::new(endpoints).connect().await
+    }
+
+    pub fn builder(endpoints: impl IntoIterator<Item = impl Into<String>>) -> ClientBuilder {
+        ClientBuilder::new(endpoints)
+    }
+
+    /// The random id under which the server deduplicates this client's writes.
+    pub fn client_id(&self) -> u64 {
+        self.inner.writes.client_id()
+    }
+
+    /// The endpoints as given (trimmed), in order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner
+            .endpoints
+            .iter()
+            .map(|e| e.addr.clone())
+            .collect()
+    }
+
+    /// The endpoint believed to reach the leader, if any is known.
+    pub fn leader_endpoint(&self) -> Option<String> {
+        let idx = self.inner.leader.load(Ordering::Relaxed);
+        self.inner.endpoints.get(idx).map(|e| e.addr.clone())
+    }
+
+    /// Asks every endpoint who leads now, instead of waiting for a failure to prompt it.
+    pub async fn refresh_leader(&self) -> Option<String> {
+        let idx = self.inner.discover().await?;
+        self.inner.endpoints.get(idx).map(|e| e.addr.clone())
+    }
+
+    /// Default consistency of this handle's reads.
+    pub fn consistency(&self) -> Consistency {
+        self.consistency
+    }
+
+    /// A handle sharing everything with this one but reading at `consistency` by default.
+    pub fn with_consistency(&self, consistency: Consistency) -> Client {
+        Client {
+            inner: Arc::clone(&self.inner),
+            consistency,
+        }
+    }
+
+    pub async fn create(&self, path: &str, data: impl Into<Vec<u8>>) -> Result<Created, Error> {
+        self.create_with(path, data, CreateOptions::default()).await
+    }
+
+    pub async fn create_with(
+        &self,
+        path: &str,
+        data: impl Into<Vec<u8>>,
+        options: CreateOptions,
+    ) -> Result<Created, Error> {
+        let req = CreateRequest {
+            write_id: None,
+            path: path.to_owned(),
+            data: data.into(),
+            sequential: options.sequential,
+        };
+        let resp = self
+            .write(req, |mut kv, r| async move { kv.create(r).await })
+            .await?;
+        Ok(resp.into())
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(Vec<u8>, Stat), Error> {
+        self.get_with(path, self.consistency).await
+    }
+
+    pub async fn get_with(
+        &self,
+        path: &str,
+        consistency: Consistency,
+    ) -> Result<(Vec<u8>, Stat), Error> {
+        let req = GetRequest {
+            path: path.to_owned(),
+            consistency: consistency.into(),
+        };
+        let resp = self
+            .read(consistency, req, |mut kv, r| async move { kv.get(r).await })
+            .await?;
+        Ok((resp.data, resp.stat.unwrap_or_default()))
+    }
+
+    /// Replaces the data; with `expected_version`, only if the node's version equals it.
+    pub async fn set(
+        &self,
+        path: &str,
+        data: impl Into<Vec<u8>>,
+        expected_version: Option<i32>,
+    ) -> Result<Stat, Error> {
+        let req = SetRequest {
+            write_id: None,
+            path: path.to_owned(),
+            data: data.into(),
+            expected_version,
+        };
+        let resp = self
+            .write(req, |mut kv, r| async move { kv.set(r).await })
+            .await?;
+        Ok(resp.stat.unwrap_or_default())
+    }
+
+    pub async fn delete(&self, path: &str, expected_version: Option<i32>) -> Result<(), Error> {
+        let req = DeleteRequest {
+            write_id: None,
+            path: path.to_owned(),
+            expected_version,
+        };
+        self.write(req, |mut kv, r| async move { kv.delete(r).await })
+            .await?;
+        Ok(())
+    }
+
+    /// The node's stat, or `None` when it does not exist.
+    pub async fn exists(&self, path: &str) -> Result<Option<Stat>, Error> {
+        self.exists_with(path, self.consistency).await
+    }
+
+    pub async fn exists_with(
+        &self,
+        path: &str,
+        consistency: Consistency,
+    ) -> Result<Option<Stat>, Error> {
+        let req = ExistsRequest {
+            path: path.to_owned(),
+            consistency: consistency.into(),
+        };
+        let resp = self
+            .read(
+                consistency,
+                req,
+                |mut kv, r| async move { kv.exists(r).await },
+            )
+            .await?;
+        Ok(resp.stat)
+    }
+
+    /// Names (not paths) of the children, sorted bytewise.
+    pub async fn children(&self, path: &str) -> Result<Vec<String>, Error> {
+        self.children_with(path, self.consistency).await
+    }
+
+    pub async fn children_with(
+        &self,
+        path: &str,
+        consistency: Consistency,
+    ) -> Result<Vec<String>, Error> {
+        let req = ChildrenRequest {
+            path: path.to_owned(),
+            consistency: consistency.into(),
+            with_stats: false,
+        };
+        let resp = self
+            .read(
+                consistency,
+                req,
+                |mut kv, r| async move { kv.children(r).await },
+            )
+            .await?;
+        Ok(resp.names)
+    }
+
+    /// Children's names with their stats, sorted bytewise by name.
+    pub async fn children_with_stats(&self, path: &str) -> Result<Vec<(String, Stat)>, Error> {
+        let consistency = self.consistency;
+        let req = ChildrenRequest {
+            path: path.to_owned(),
+            consistency: consistency.into(),
+            with_stats: true,
+        };
+        let resp = self
+            .read(
+                consistency,
+                req,
+                |mut kv, r| async move { kv.children(r).await },
+            )
+            .await?;
+        if resp.stats.len() != resp.names.len() {
+            return Err(Error::protocol(format!(
+                "server listed {} children of {path} but {} stats",
+                resp.names.len(),
+                resp.stats.len()
+            )));
+        }
+        Ok(resp.names.into_iter().zip(resp.stats).collect())
+    }
+
+    /// Applies all ops or none. On failure, [`Error::failed_op`] names the failing op's index.
+    pub async fn txn(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, Error> {
+        let req = TxnRequest {
+            write_id: None,
+            ops: ops.into_iter().map(Into::into).collect(),
+        };
+        let resp = self
+            .write(req, |mut kv, r| async move { kv.txn(r).await })
+            .await?;
+        resp.results.into_iter().map(OpResult::try_from).collect()
+    }
+
+    /// The cluster as some reachable endpoint sees it.
+    pub async fn status(&self) -> Result<StatusResponse, Error> {
+        self.call(Kind::Status, |ch| {
+            let mut cluster = ClusterClient::new(ch);
+            let req = self.inner.request(StatusRequest {});
+            async move { cluster.status(req).await }
+        })
+        .await
+    }
+
+    /// The cluster as one given endpoint (`host:port`) sees it, with a single attempt: for
+    /// inspecting a particular member, where an answer from another would be misleading.
+    pub async fn status_of(&self, endpoint: &str) -> Result<StatusResponse, Error> {
+        let known = self
+            .inner
+            .endpoints
+            .iter()
+            .find(|e| same_addr(&e.addr, endpoint));
+        let channel = match known {
+            Some(e) => e.channel.clone(),
+            None => lazy_channel(endpoint, self.inner.connect_timeout)?,
+        };
+        let mut cluster = ClusterClient::new(channel);
+        let req = self.inner.request(StatusRequest {});
+        self.inner.attempt(endpoint, cluster.status(req)).await
+    }
+
+    async fn write<Req, T, F, Fut>(&self, req: Req, mut send: F) -> Result<T, Error>
+    where
+        Req: WriteRequest,
+        F: FnMut(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let pending = self.inner.writes.begin();
+        self.call(Kind::Write, |ch| {
+            let mut req = req.clone();
+            req.set_write_id(pending.write_id());
+            send(KvClient::new(ch), self.inner.request(req))
+        })
+        .await
+    }
+
+    async fn read<Req, T, F, Fut>(
+        &self,
+        consistency: Consistency,
+        req: Req,
+        mut send: F,
+    ) -> Result<T, Error>
+    where
+        Req: Clone,
+        F: FnMut(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.call(Kind::Read(consistency), |ch| {
+            send(KvClient::new(ch), self.inner.request(req.clone()))
+        })
+        .await
+    }
+
+    /// Runs `attempt` against a chosen endpoint until it succeeds, fails for good, or the retry
+    /// budget runs out; each retry goes to another endpoint, after a growing pause.
+    async fn call<T, F, Fut>(&self, kind: Kind, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let mut backoff = BACKOFF_START;
+        let mut retries: u32 = 0;
+        loop {
+            let idx = inner.pick(kind.prefers_leader());
+            let endpoint = &inner.endpoints[idx];
+            let err = match inner
+                .attempt(&endpoint.addr, attempt(endpoint.channel.clone()))
+                .await
+            {
+                Ok(resp) => return Ok(resp),
+                Err(err) => err,
+            };
+            if !kind.is_retryable(&err) {
+                return Err(err);
+            }
+            inner.note_failure(idx);
+            let capped = inner.max_retries.is_some_and(|max| retries >= max);
+            if capped || started.elapsed() + backoff >= inner.retry_budget {
+                return Err(err);
+            }
+            tracing::debug!(endpoint = %endpoint.addr, error = %err, ?kind, "retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            retries += 1;
+        }
+    }
+}
+
+impl Inner {
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut req = Request::new(message);
+        req.set_timeout(self.request_timeout);
+        req
+    }
+
+    /// One attempt, bounded locally too: `grpc-timeout` alone would not cover a server that
+    /// never answers at the HTTP/2 level.
+    async fn attempt<T>(
+        &self,
+        addr: &str,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            // Name the endpoint: transport messages like "connection refused" don't.
+            Ok(Err(status)) => Err(match Error::from_status(&status) {
+                Error::Unavailable(m) => Error::Unavailable(format!("{addr}: {m}")),
+                Error::Timeout(m) => Error::Timeout(format!("{addr}: {m}")),
+                err => err,
+            }),
+            Err(_) => Err(Error::Timeout(format!(
+                "{addr}: no reply within {}",
+                humantime::format_duration(self.request_timeout)
+            ))),
+        }
+    }
+
+    fn pick(&self, prefer_leader: bool) -> usize {
+        let n = self.endpoints.len();
+        if prefer_leader {
+            let leader = self.leader.load(Ordering::Relaxed);
+            if leader < n {
+                return leader;
+            }
+        }
+        self.current.load(Ordering::Relaxed) % n
+    }
+
+    /// Stops preferring a failed endpoint and relearns the leader in the background. The
+    /// compare-exchanges make concurrent failures of one endpoint advance past it only once.
+    fn note_failure(self: &Arc<Self>, idx: usize) {
+        let n = self.endpoints.len();
+        let _ = self
+            .leader
+            .compare_exchange(idx, NO_LEADER, Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            self.current
+                .compare_exchange(idx, (idx + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+        if n > 1 {
+            self.spawn_discovery();
+        }
+    }
+
+    fn spawn_discovery(self: &Arc<Self>) {
+        if self.discovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.discovering.store(false, Ordering::Release);
+            return;
+        };
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            inner.discover().await;
+            inner.discovering.store(false, Ordering::Release);
+        });
+    }
+
+    /// Asks every endpoint for its status at once and records which one reaches the leader.
+    /// Also moves `current` off an endpoint that did not answer.
+    async fn discover(&self) -> Option<usize> {
+        let timeout = self.request_timeout.min(DISCOVERY_TIMEOUT);
+        // Spawned rather than awaited in place so the endpoints are asked concurrently.
+        let asks: Vec<_> = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                let mut cluster = ClusterClient::new(e.channel.clone());
+                tokio::spawn(async move {
+                    let mut req = Request::new(StatusRequest {});
+                    req.set_timeout(timeout);
+                    let reply = tokio::time::timeout(timeout, cluster.status(req)).await;
+                    reply.ok()?.ok().map(Response::into_inner)
+                })
+            })
+            .collect();
+        let mut replies: Vec<Option<StatusResponse>> = Vec::with_capacity(asks.len());
+        for ask in asks {
+            replies.push(ask.await.ok().flatten());
+        }
+        let addrs: Vec<&str> = self.endpoints.iter().map(|e| e.addr.as_str()).collect();
+        let leader = find_leader(&addrs, &replies);
+        if let Some(idx) = leader {
+            self.leader.store(idx, Ordering::Relaxed);
+        }
+        let current = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        if replies[current].is_none() {
+            if let Some(alive) = replies.iter().position(Option::is_some) {
+                self.current.store(alive, Ordering::Relaxed);
+            }
+        }
+        leader
+    }
+}
+
+/// Picks the endpoint that reaches the leader named by the most recent term among `replies`
+/// (one per endpoint, `None` where it did not answer). An endpoint that answered as the leader
+/// itself is the surest match; otherwise the leader's advertised client address is looked up.
+fn find_leader(addrs: &[&str], replies: &[Option<StatusResponse>]) -> Option<usize> {
+    let best = replies
+        .iter()
+        .flatten()
+        .filter(|r| r.leader_id != 0)
+        .max_by_key(|r| r.raft_term)?;
+    let leader_id = best.leader_id;
+    if let Some(idx) = replies
+        .iter()
+        .position(|r| r.as_ref().is_some_and(|r| r.member_id == leader_id))
+    {
+        return Some(idx);
+    }
+    let member = best.members.iter().find(|m| m.id == leader_id)?;
+    addrs
+        .iter()
+        .position(|addr| same_addr(addr, &member.client_addr))
+}
+
+fn strip_scheme(addr: &str) -> &str {
+    let addr = addr.trim().trim_end_matches('/');
+    addr.split_once("://").map_or(addr, |(_, rest)| rest)
+}
+
+fn same_addr(a: &str, b: &str) -> bool {
+    strip_scheme(a).eq_ignore_ascii_case(strip_scheme(b))
+}
+
+fn lazy_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, Error> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| Error::invalid(format!("bad endpoint {addr:?}: {e}")))?;
+    Ok(endpoint
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kord_api::v1::Member;
+
+    fn status(member_id: u64, leader_id: u64, term: u64, leader_addr: &str) -> StatusResponse {
+        StatusResponse {
+            member_id,
+            leader_id,
+            raft_term: term,
+            members: vec![Member {
+                id: leader_id,
+                client_addr: leader_addr.to_owned(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn leader_found_by_self_report_or_address() {
+        let addrs = ["a:1", "b:1", "c:1"];
+        let replies = [
+            Some(status(1, 2, 5, "x:9")),
+            None,
+            Some(status(3, 2, 5, "x:9")),
+        ];
+        // Nobody reachable reported being member 2; its address is not in the list.
+        assert_eq!(find_leader(&addrs, &replies), None);
+
+        let replies = [Some(status(1, 2, 5, "http://c:1")), None, None];
+        assert_eq!(find_leader(&addrs, &replies), Some(2));
+
+        let replies = [None, Some(status(2, 2, 5, "0.0.0.0:1")), None];
+        assert_eq!(find_leader(&addrs, &replies), Some(1));
+    }
+
+    #[test]
+    fn newest_term_wins_and_no_leader_is_none() {
+        let addrs = ["a:1", "b:1"];
+        let replies = [Some(status(1, 1, 3, "a:1")), Some(status(2, 2, 4, "b:1"))];
+        assert_eq!(find_leader(&addrs, &replies), Some(1));
+        let replies = [Some(status(1, 0, 3, "")), None];
+        assert_eq!(find_leader(&addrs, &replies), None);
+    }
+
+    #[test]
+    fn retry_policy() {
+        let timeout = Error::Timeout("t".into());
+        let unavailable = Error::Unavailable("u".into());
+        let bad = Error::BadVersion {
+            message: "v".into(),
+            failed_op: None,
+        };
+        assert!(Kind::Write.is_retryable(&unavailable));
+        assert!(!Kind::Write.is_retryable(&timeout));
+        assert!(Kind::Read(Consistency::Local).is_retryable(&timeout));
+        assert!(!Kind::Read(Consistency::Linearizable).is_retryable(&bad));
+        assert!(Kind::Read(Consistency::Linearizable).prefers_leader());
+        assert!(!Kind::Read(Consistency::Local).prefers_leader());
+    }
+}

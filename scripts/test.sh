@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: formatting, clippy, unit tests, openraft's storage suite and the
+# end-to-end tests on clusters of real `kord` processes on 127.0.0.1.
+# Build output goes to $CARGO_TARGET_DIR (default ~/.cache/kord/target, outside the clone) so
+# repeated runs skip the ~15-minute RocksDB build.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+"$root/scripts/deps.sh"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kord/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "build"
+cargo build --locked --workspace --all-targets
+
+step "cargo clippy"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "tests"
+# e2e tests start clusters of real processes: two at a time is what 2 cores take calmly.
+cargo test --locked --workspace -- --test-threads 2
