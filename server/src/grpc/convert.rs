@@ -55,16 +55,16 @@ pub fn txn_result(reply: SubReply, header: &pb::ResponseHeader) -> pb::TxnOpResu
     use pb::txn_op_result::Result as R;
     let result = match reply {
         SubReply::Created { path, stat: s } => R::Create(pb::CreateResponse {
-            header: Some(header.clone()),
+            header: Some(*header),
             path,
             stat: Some(stat(&s)),
         }),
         SubReply::Set { stat: s } => R::Set(pb::SetResponse {
-            header: Some(header.clone()),
+            header: Some(*header),
             stat: Some(stat(&s)),
         }),
         SubReply::Deleted => R::Delete(pb::DeleteResponse {
-            header: Some(header.clone()),
+            header: Some(*header),
         }),
         SubReply::Checked => R::Check(pb::CheckResult {}),
     };

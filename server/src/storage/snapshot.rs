@@ -13,11 +13,14 @@ use super::codec;
 use super::StoreError;
 use crate::raft::SnapshotMeta;
 
+/// Raw RocksDB keys and values of one column family.
+pub type RawPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The replicated state, as raw RocksDB keys and values (decoded only when loaded).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SnapshotData {
-    pub nodes: Vec<(Vec<u8>, Vec<u8>)>,
-    pub clients: Vec<(Vec<u8>, Vec<u8>)>,
+    pub nodes: RawPairs,
+    pub clients: RawPairs,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

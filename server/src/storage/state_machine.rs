@@ -14,7 +14,7 @@ use openraft::{
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 
 use super::codec::{self, u64_key};
-use super::snapshot::{SnapshotData, SnapshotFile, StoredSnapshot};
+use super::snapshot::{RawPairs, SnapshotData, SnapshotFile, StoredSnapshot};
 use super::{cf, cf_handle, to_storage_error, StoreError};
 use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -221,7 +221,7 @@ fn decode_state(data: &SnapshotData) -> Result<State, StoreError> {
 /// Reads the state column families through `scan` (over the live DB or a DB snapshot).
 fn read_state_cfs(
     db: &DB,
-    mut scan: impl FnMut(&rocksdb::ColumnFamily) -> Result<Vec<(Vec<u8>, Vec<u8>)>, rocksdb::Error>,
+    mut scan: impl FnMut(&rocksdb::ColumnFamily) -> Result<RawPairs, rocksdb::Error>,
 ) -> Result<SnapshotData, StoreError> {
     Ok(SnapshotData {
         nodes: scan(cf_handle(db, cf::NODES)?)?,
@@ -229,7 +229,7 @@ fn read_state_cfs(
     })
 }
 
-fn collect_kv<I, K, V>(iter: I) -> Result<Vec<(Vec<u8>, Vec<u8>)>, rocksdb::Error>
+fn collect_kv<I, K, V>(iter: I) -> Result<RawPairs, rocksdb::Error>
 where
     I: Iterator<Item = Result<(K, V), rocksdb::Error>>,
     K: AsRef<[u8]>,
