@@ -1,1 +1,24 @@
+//! Harness for Kord's end-to-end tests: clusters of real `kord` processes on loopback ports.
+//!
+//! The binaries under test are not built by `cargo test -p kord-e2e`: build them first with
+//! `cargo build --bins` (or point `KORD_BIN` / `KORDCTL_BIN` at them).
+//!
+//! Environment knobs:
+//! - `KORD_BIN`, `KORDCTL_BIN`: paths of the binaries under test.
+//! - `KORD_E2E_KEEP=1`: keep the temporary data dirs and logs of every cluster.
+//! - `KORD_E2E_LOG_LINES=N`: how many lines of each member's log to print when a test fails.
 
+pub mod bins;
+pub mod cluster;
+pub mod http;
+pub mod kv;
+pub mod ports;
+pub mod wait;
+
+pub use bins::{kord_bin, kordctl_bin};
+pub use cluster::{assert_same_state, Cluster, ClusterOpts};
+pub use http::{http_get, HttpResponse};
+pub use kv::*;
+pub use wait::{wait_until, POLL_INTERVAL};
+
+pub use kord_api::v1;

@@ -1,0 +1,596 @@
+//! Starts, kills and restarts clusters of real `kord` processes, and waits on their status.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kord_api::v1::cluster_client::ClusterClient;
+use kord_api::v1::kv_client::KvClient;
+use kord_api::v1::{StatusRequest, StatusResponse};
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::bins::kord_bin;
+use crate::ports::free_ports;
+use crate::wait::{wait_until, POLL_INTERVAL};
+
+/// How a test cluster is started.
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    /// Extra `kord` flags given to every member, e.g. `["--snapshot-count", "50"]`.
+    pub extra_args: Vec<String>,
+    /// How long `Cluster::start` waits for every member to agree on a leader.
+    pub startup_timeout: Duration,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        ClusterOpts {
+            extra_args: Vec::new(),
+            startup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ClusterOpts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds extra `kord` flags (flag and value as separate items).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+}
+
+struct Member {
+    id: u64,
+    client_port: u16,
+    peer_port: u16,
+    http_port: u16,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+    channel: Channel,
+}
+
+/// A running test cluster. Dropping it SIGKILLs every member; when dropped during a panic it
+/// prints the tail of every member's log first.
+pub struct Cluster {
+    members: Vec<Member>,
+    bin: PathBuf,
+    extra_args: Vec<String>,
+    initial_cluster: String,
+    root: Option<TempDir>,
+}
+
+enum StartupError {
+    PortTaken(String),
+    Failed(String),
+}
+
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
+const BIND_ATTEMPTS: usize = 3;
+
+fn channel_to(port: u16) -> Channel {
+    Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("endpoint uri")
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+impl Cluster {
+    /// Starts `n` members (ids 1..=n) and waits until all agree on a leader. Panics, printing
+    /// the members' logs, if that does not happen within `opts.startup_timeout`.
+    pub async fn start(n: usize, opts: ClusterOpts) -> Cluster {
+        assert!(n >= 1, "a cluster needs at least one member");
+        let bin = kord_bin();
+        for attempt in 1..=BIND_ATTEMPTS {
+            let mut cluster = Cluster::spawn_all(n, &opts, &bin);
+            match cluster.wait_startup(opts.startup_timeout).await {
+                Ok(()) => return cluster,
+                Err(StartupError::PortTaken(why)) if attempt < BIND_ATTEMPTS => {
+                    eprintln!(
+                        "e2e: a port was taken ({why}); restarting the cluster on fresh ports"
+                    );
+                    drop(cluster);
+                }
+                Err(StartupError::PortTaken(why)) | Err(StartupError::Failed(why)) => {
+                    panic!("the {n}-member cluster did not start: {why}");
+                }
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn spawn_all(n: usize, opts: &ClusterOpts, bin: &Path) -> Cluster {
+        let root = tempfile::Builder::new()
+            .prefix("kord-e2e-")
+            .tempdir()
+            .expect("create temp dir");
+        let ports = free_ports(3 * n);
+        let members: Vec<Member> = (0..n)
+            .map(|i| {
+                let id = i as u64 + 1;
+                let dir = root.path().join(format!("member-{id}"));
+                Member {
+                    id,
+                    client_port: ports[3 * i],
+                    peer_port: ports[3 * i + 1],
+                    http_port: ports[3 * i + 2],
+                    data_dir: dir.join("data"),
+                    log_path: dir.join("kord.log"),
+                    child: None,
+                    starts: 0,
+                    channel: channel_to(ports[3 * i]),
+                }
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}=127.0.0.1:{}@127.0.0.1:{}",
+                    m.id, m.peer_port, m.client_port
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            members,
+            bin: bin.to_path_buf(),
+            extra_args: opts.extra_args.clone(),
+            initial_cluster,
+            root: Some(root),
+        };
+        for id in cluster.ids() {
+            cluster.spawn_member(id);
+        }
+        cluster
+    }
+
+    fn args(&self, m: &Member) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--id".into(),
+            m.id.to_string(),
+            "--data-dir".into(),
+            m.data_dir.display().to_string(),
+            "--listen-client".into(),
+            format!("127.0.0.1:{}", m.client_port),
+            "--listen-peer".into(),
+            format!("127.0.0.1:{}", m.peer_port),
+            "--listen-http".into(),
+            format!("127.0.0.1:{}", m.http_port),
+            "--initial-cluster".into(),
+            self.initial_cluster.clone(),
+        ];
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    fn spawn_member(&mut self, id: u64) {
+        let args = self.args(self.member(id));
+        let bin = self.bin.clone();
+        let m = self.member_mut(id);
+        assert!(m.child.is_none(), "member {id} is already running");
+        fs::create_dir_all(&m.data_dir)
+            .unwrap_or_else(|e| panic!("create {}: {e}", m.data_dir.display()));
+        m.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", m.log_path.display()));
+        let _ = writeln!(
+            log,
+            "==== e2e: start #{} of member {id}: {} {}",
+            m.starts,
+            bin.display(),
+            args.join(" ")
+        );
+        let stdout: File = log.try_clone().expect("clone log file");
+        let child = Command::new(&bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        m.child = Some(child);
+        m.channel = channel_to(m.client_port);
+    }
+
+    /// Polls until every member agrees on a leader; notices members that exit early.
+    async fn wait_startup(&mut self, timeout: Duration) -> Result<(), StartupError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for id in self.ids() {
+                if let Some(exit) = self.exited(id) {
+                    let log = self.log_tail(id, 30);
+                    let why = format!("member {id} exited during startup ({exit})");
+                    return Err(if log.to_ascii_lowercase().contains("in use") {
+                        StartupError::PortTaken(why)
+                    } else {
+                        StartupError::Failed(why)
+                    });
+                }
+            }
+            let reason = match self.agreed_leader().await {
+                Ok(_) => return Ok(()),
+                Err(reason) => reason,
+            };
+            if Instant::now() >= deadline {
+                return Err(StartupError::Failed(format!(
+                    "no agreed leader after {timeout:?}; last: {reason}"
+                )));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The exit status of a member process that has exited (and is still marked running).
+    fn exited(&mut self, id: u64) -> Option<String> {
+        let child = self.member_mut(id).child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(format!("try_wait failed: {e}")),
+        }
+    }
+
+    /// Ok(leader) when every live member reports the same live leader.
+    async fn agreed_leader(&self) -> Result<u64, String> {
+        let live = self.live_ids();
+        if live.is_empty() {
+            return Err("no member is running".into());
+        }
+        let mut leaders = Vec::new();
+        for &id in &live {
+            match self.status(id).await {
+                Ok(s) => leaders.push((id, s.leader_id)),
+                Err(e) => {
+                    return Err(format!(
+                        "member {id}: Status failed: {:?} {}",
+                        e.code(),
+                        e.message()
+                    ))
+                }
+            }
+        }
+        let first = leaders[0].1;
+        if first != 0 && live.contains(&first) && leaders.iter().all(|&(_, l)| l == first) {
+            Ok(first)
+        } else {
+            Err(format!(
+                "(member, leader_id) = {leaders:?}, live = {live:?}"
+            ))
+        }
+    }
+
+    // ---- members ------------------------------------------------------------------------------
+
+    fn member(&self, id: u64) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("no member {id}"))
+    }
+
+    fn member_mut(&mut self, id: u64) -> &mut Member {
+        self.members
+            .iter_mut()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("no member {id}"))
+    }
+
+    /// All member ids, 1..=n.
+    pub fn ids(&self) -> Vec<u64> {
+        self.members.iter().map(|m| m.id).collect()
+    }
+
+    /// Ids of members whose process is running (not killed by the harness).
+    pub fn live_ids(&self) -> Vec<u64> {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.id)
+            .collect()
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.member(id).child.is_some()
+    }
+
+    /// `http://127.0.0.1:<client port>`.
+    pub fn client_endpoint(&self, id: u64) -> String {
+        format!("http://127.0.0.1:{}", self.member(id).client_port)
+    }
+
+    /// Every member's client address as `host:port`, comma separated (for `kordctl --endpoints`).
+    pub fn endpoints_csv(&self) -> String {
+        self.ids()
+            .into_iter()
+            .map(|id| self.client_addr(id).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn client_addr(&self, id: u64) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.member(id).client_port))
+    }
+
+    pub fn peer_addr(&self, id: u64) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.member(id).peer_port))
+    }
+
+    pub fn http_addr(&self, id: u64) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.member(id).http_port))
+    }
+
+    pub fn data_dir(&self, id: u64) -> &Path {
+        &self.member(id).data_dir
+    }
+
+    pub fn log_path(&self, id: u64) -> &Path {
+        &self.member(id).log_path
+    }
+
+    /// A Kv client for member `id` (lazily connected; errors surface as UNAVAILABLE).
+    pub fn kv(&self, id: u64) -> KvClient<Channel> {
+        KvClient::new(self.member(id).channel.clone())
+    }
+
+    /// One Kv client per member, in id order.
+    pub fn kv_all(&self) -> Vec<KvClient<Channel>> {
+        self.ids().into_iter().map(|id| self.kv(id)).collect()
+    }
+
+    pub fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
+        ClusterClient::new(self.member(id).channel.clone())
+    }
+
+    // ---- process control ----------------------------------------------------------------------
+
+    /// SIGKILLs member `id` and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        let m = self.member_mut(id);
+        let mut child = m
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("member {id} is not running"));
+        // The member may have died on its own: that is a failure worth reporting.
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("member {id} had already exited ({status}) before the harness killed it");
+        }
+        child
+            .kill()
+            .unwrap_or_else(|e| panic!("kill member {id}: {e}"));
+        child
+            .wait()
+            .unwrap_or_else(|e| panic!("wait member {id}: {e}"));
+        m.channel = channel_to(m.client_port);
+    }
+
+    /// Restarts a killed member with the same flags and data dir, and waits until it answers
+    /// Status (not for a leader: a lone restarted member of a dead cluster cannot elect one).
+    pub async fn restart(&mut self, id: u64) {
+        self.spawn_member(id);
+        let deadline = Instant::now() + RESTART_TIMEOUT;
+        loop {
+            if let Some(exit) = self.exited(id) {
+                panic!("member {id} exited right after its restart ({exit})");
+            }
+            let reason = match self.status(id).await {
+                Ok(_) => return,
+                Err(e) => format!("{:?} {}", e.code(), e.message()),
+            };
+            if Instant::now() >= deadline {
+                panic!("restarted member {id} did not answer Status within {RESTART_TIMEOUT:?}: {reason}");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    // ---- status -------------------------------------------------------------------------------
+
+    /// Cluster.Status of member `id`, bounded by a 2 s timeout.
+    pub async fn status(&self, id: u64) -> Result<StatusResponse, Status> {
+        let mut client = self.cluster_client(id);
+        match tokio::time::timeout(STATUS_TIMEOUT, client.status(StatusRequest {})).await {
+            Ok(result) => result.map(|r| r.into_inner()),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "e2e: Status of member {id} took over {STATUS_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Status of every live member, in id order; panics if one fails.
+    pub async fn statuses(&self) -> Vec<StatusResponse> {
+        let mut out = Vec::new();
+        for id in self.live_ids() {
+            out.push(self.status(id).await.unwrap_or_else(|e| {
+                panic!("Status of member {id}: {:?} {}", e.code(), e.message())
+            }));
+        }
+        out
+    }
+
+    /// Waits (up to `timeout`) until every live member reports the same live leader; returns it.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> u64 {
+        wait_until(
+            "all live members to agree on a live leader",
+            timeout,
+            || self.agreed_leader(),
+        )
+        .await
+    }
+
+    /// The current leader, waiting up to 30 s for one that every live member agrees on.
+    pub async fn leader(&self) -> u64 {
+        self.wait_for_leader(Duration::from_secs(30)).await
+    }
+
+    /// The live members other than the current leader.
+    pub async fn followers(&self) -> Vec<u64> {
+        let leader = self.leader().await;
+        self.live_ids()
+            .into_iter()
+            .filter(|&id| id != leader)
+            .collect()
+    }
+
+    /// Waits until every live member's applied_index is equal and `>= min_index`; returns their
+    /// statuses (id order).
+    pub async fn wait_applied_equal(
+        &self,
+        min_index: u64,
+        timeout: Duration,
+    ) -> Vec<StatusResponse> {
+        let what = format!("applied_index equal on all live members and >= {min_index}");
+        wait_until(&what, timeout, || async {
+            let mut statuses = Vec::new();
+            for id in self.live_ids() {
+                match self.status(id).await {
+                    Ok(s) => statuses.push(s),
+                    Err(e) => return Err(format!("member {id}: {:?} {}", e.code(), e.message())),
+                }
+            }
+            let applied: Vec<(u64, u64)> = statuses
+                .iter()
+                .map(|s| (s.member_id, s.applied_index))
+                .collect();
+            let first = applied[0].1;
+            if first >= min_index && applied.iter().all(|&(_, a)| a == first) {
+                Ok(statuses)
+            } else {
+                Err(format!("(member, applied_index) = {applied:?}"))
+            }
+        })
+        .await
+    }
+
+    /// Waits for a leader, then until every live member has applied the leader's commit index
+    /// (and they are all equal). Returns the statuses.
+    pub async fn wait_converged(&self, timeout: Duration) -> Vec<StatusResponse> {
+        let start = Instant::now();
+        let leader = self.wait_for_leader(timeout).await;
+        let commit = self
+            .status(leader)
+            .await
+            .unwrap_or_else(|e| panic!("Status of leader {leader}: {e}"))
+            .commit_index;
+        let left = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1));
+        self.wait_applied_equal(commit, left).await
+    }
+
+    /// (member_id, applied_index, state_digest) of every live member.
+    pub async fn digests(&self) -> Vec<(u64, u64, u64)> {
+        self.statuses()
+            .await
+            .into_iter()
+            .map(|s| (s.member_id, s.applied_index, s.state_digest))
+            .collect()
+    }
+
+    // ---- logs ---------------------------------------------------------------------------------
+
+    /// The last `lines` lines of member `id`'s log (stdout and stderr of all its runs).
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let path = &self.member(id).log_path;
+        match fs::read(path) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let all: Vec<&str> = text.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(e) => format!("<cannot read {}: {e}>", path.display()),
+        }
+    }
+
+    /// Prints the tail of every member's log to stderr.
+    pub fn dump_logs(&self) {
+        let lines = std::env::var("KORD_E2E_LOG_LINES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60);
+        for m in &self.members {
+            eprintln!(
+                "\n---- member {} ({}), last {lines} lines of {} ----\n{}",
+                m.id,
+                if m.child.is_some() {
+                    "running"
+                } else {
+                    "killed"
+                },
+                m.log_path.display(),
+                self.log_tail(m.id, lines)
+            );
+        }
+        eprintln!("---- end of member logs ----");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if panicking {
+            self.dump_logs();
+        }
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::env::var_os("KORD_E2E_KEEP").is_some() {
+            if let Some(root) = self.root.take() {
+                eprintln!("e2e: kept cluster files in {}", root.keep().display());
+            }
+        }
+    }
+}
+
+/// Asserts that the statuses (taken when nothing was writing) describe the same state:
+/// equal applied_index, state_digest and znode_count.
+#[track_caller]
+pub fn assert_same_state(statuses: &[StatusResponse]) {
+    assert!(!statuses.is_empty(), "no statuses");
+    let summary: Vec<String> = statuses
+        .iter()
+        .map(|s| {
+            format!(
+                "member {}: applied {} digest {:#x} znodes {}",
+                s.member_id, s.applied_index, s.state_digest, s.znode_count
+            )
+        })
+        .collect();
+    let first = &statuses[0];
+    for s in statuses {
+        assert!(
+            s.applied_index == first.applied_index
+                && s.state_digest == first.state_digest
+                && s.znode_count == first.znode_count,
+            "members diverge:\n  {}",
+            summary.join("\n  ")
+        );
+    }
+}
