@@ -94,6 +94,34 @@ pub struct Args {
     #[arg(long, env = "KORD_MAX_REQUEST_SIZE", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_size: usize,
 
+    /// Shortest session timeout; shorter requests are raised to it (ZooKeeper: 2x its 2 s tick).
+    #[arg(long, env = "KORD_SESSION_TIMEOUT_MIN", default_value = "4s", value_parser = humantime::parse_duration)]
+    pub session_timeout_min: Duration,
+
+    /// Longest session timeout; longer requests are lowered to it (ZooKeeper: 20x its tick).
+    #[arg(long, env = "KORD_SESSION_TIMEOUT_MAX", default_value = "40s", value_parser = humantime::parse_duration)]
+    pub session_timeout_max: Duration,
+
+    /// Shortest lease TTL; shorter grants are refused.
+    #[arg(long, env = "KORD_LEASE_TTL_MIN", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub lease_ttl_min: Duration,
+
+    /// Longest lease TTL; longer grants are refused.
+    #[arg(long, env = "KORD_LEASE_TTL_MAX", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub lease_ttl_max: Duration,
+
+    /// Shortest TTL of a TTL node.
+    #[arg(long, env = "KORD_NODE_TTL_MIN", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub node_ttl_min: Duration,
+
+    /// Longest TTL of a TTL node.
+    #[arg(long, env = "KORD_NODE_TTL_MAX", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub node_ttl_max: Duration,
+
+    /// How often the leader looks for container and TTL nodes to delete.
+    #[arg(long, env = "KORD_REAP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reap_interval: Duration,
+
     /// Log format: "text" or "json". Filter with RUST_LOG (default "info").
     #[arg(long, env = "KORD_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -127,6 +155,7 @@ pub struct Config {
     pub election_timeout: Duration,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
+    pub reap_interval: Duration,
     pub limits: Limits,
 }
 
@@ -145,6 +174,12 @@ pub enum ConfigError {
     },
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
+    #[error("--{what}-min ({min:?}) must be positive and at most --{what}-max ({max:?})")]
+    Bounds {
+        what: &'static str,
+        min: Duration,
+        max: Duration,
+    },
 }
 
 impl Args {
@@ -166,6 +201,15 @@ impl Args {
         ] {
             if value < min {
                 return Err(ConfigError::TooSmall { flag, min });
+            }
+        }
+        for (what, min, max) in [
+            ("session-timeout", self.session_timeout_min, self.session_timeout_max),
+            ("lease-ttl", self.lease_ttl_min, self.lease_ttl_max),
+            ("node-ttl", self.node_ttl_min, self.node_ttl_max),
+        ] {
+            if min.is_zero() || min > max {
+                return Err(ConfigError::Bounds { what, min, max });
             }
         }
         let mut node = KordNode {
@@ -211,13 +255,21 @@ impl Args {
             election_timeout: self.election_timeout,
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
+            reap_interval: self.reap_interval,
             limits: Limits {
                 max_value_bytes: self.max_value_size,
                 max_txn_ops: self.max_txn_ops,
                 max_request_bytes: self.max_request_size.max(self.max_value_size + 64 * 1024),
+                session_timeout_ms: ms_bounds(self.session_timeout_min, self.session_timeout_max),
+                lease_ttl_ms: ms_bounds(self.lease_ttl_min, self.lease_ttl_max),
+                node_ttl_ms: ms_bounds(self.node_ttl_min, self.node_ttl_max),
             },
         })
     }
+}
+
+fn ms_bounds(min: Duration, max: Duration) -> (u64, u64) {
+    (min.as_millis() as u64, max.as_millis() as u64)
 }
 
 /// Parses "1=host:port,2=host:port@client_host:port".

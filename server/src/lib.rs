@@ -8,6 +8,8 @@
 //! - [`storage`]: RocksDB: the durable Raft log and the state machine that applies committed
 //!   entries in batches and persists each batch with its index.
 //! - [`state`]: the pure, deterministic znode tree that apply mutates.
+//! - [`liveness`]: the leader's lease countdowns and the reaper of container and TTL nodes;
+//!   it decides when, and proposes entries that apply carries out.
 //! - [`http`] and [`metrics`]: health, readiness and Prometheus metrics.
 //!
 //! [`server::run`] wires them together; `main.rs` only parses flags.
@@ -15,6 +17,7 @@
 pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod proposal;
 pub mod raft;

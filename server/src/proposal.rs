@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
+use crate::liveness::{LeaseError, LeaseQuery};
 use crate::metrics::Metrics;
 use crate::raft::network::PeerChannels;
 use crate::raft::{NodeId, Raft};
@@ -149,6 +150,33 @@ impl Proposer {
             .map_err(|s| failed(s.message().to_owned()))?;
         postcard::from_bytes::<ForwardReply>(&response.into_inner().data)
             .map_err(|e| failed(format!("malformed reply: {e}")))?
+    }
+
+    /// Sends a lease query to the leader's countdowns on another member.
+    pub async fn forward_lease(&self, query: LeaseQuery) -> Result<Result<u64, LeaseError>, ProposeError> {
+        let leader = self.leader().await?;
+        let addr = self.peer_addr(leader)?;
+        let failed = |reason: String| ProposeError::ForwardFailed {
+            leader,
+            addr: addr.clone(),
+            reason,
+        };
+        let mut client = self.inner.channels.client(&addr).map_err(|e| failed(e.to_string()))?;
+        let mut request = tonic::Request::new(kord_api::peer::Payload {
+            data: codec::encode(&query),
+        });
+        request.set_timeout(self.inner.wait);
+        let response = client.lease(request).await.map_err(|s| failed(s.message().to_owned()))?;
+        let answer = postcard::from_bytes::<Result<u64, LeaseError>>(&response.into_inner().data)
+            .map_err(|e| failed(format!("malformed reply: {e}")))?;
+        match answer {
+            // Leadership moved between our look-up and its answer: the client retries.
+            Err(LeaseError::NotLeader { member }) => Err(ProposeError::NotLeader {
+                member,
+                leader: None,
+            }),
+            other => Ok(other),
+        }
     }
 
     /// The read index, confirmed by a quorum; only the leader can answer.

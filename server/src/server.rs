@@ -9,6 +9,7 @@ use kord_api::peer::peer_server::PeerServer;
 use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::cluster_server::ClusterServer;
 use kord_api::v1::kv_server::KvServer;
+use kord_api::v1::lease_server::LeaseServer;
 use kord_api::v1::AddMemberRequest;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -16,6 +17,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::config::{Bootstrap, Config};
 use crate::grpc::cluster::ClusterService;
 use crate::grpc::kv::KvService;
+use crate::grpc::lease::LeaseService;
+use crate::liveness::Liveness;
 use crate::http::{self, HttpContext};
 use crate::metrics::Metrics;
 use crate::proposal::Proposer;
@@ -91,11 +94,28 @@ pub async fn run(
         state: state.clone(),
         committed: committed.clone(),
     };
+    let liveness = Liveness::new(
+        config.id,
+        raft.clone(),
+        state.clone(),
+        proposer.clone(),
+        config.reap_interval,
+    );
+    let lease = LeaseService {
+        id: config.id,
+        raft: raft.clone(),
+        proposer: proposer.clone(),
+        liveness: liveness.clone(),
+        state: state.clone(),
+        limits: config.limits,
+        metrics: metrics.clone(),
+    };
     let max_request = config.limits.max_request_bytes;
     let client_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(KvServer::new(kv).max_decoding_message_size(max_request))
         .add_service(ClusterServer::new(cluster))
+        .add_service(LeaseServer::new(lease))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(client_listener),
             stopped(stop_rx.clone()),
@@ -103,6 +123,7 @@ pub async fn run(
     let peer = PeerService {
         raft: raft.clone(),
         proposer,
+        liveness: liveness.clone(),
     };
     let peer_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -123,6 +144,7 @@ pub async fn run(
     };
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
+    let liveness_task = tokio::spawn(liveness.run(stop_rx.clone()));
     let http_task = tokio::spawn(http::serve(http_listener, http_ctx, stop_rx));
     tracing::info!(
         member = config.id,
@@ -145,6 +167,7 @@ pub async fn run(
         }
     }
     let _ = http_task.await;
+    let _ = liveness_task.await;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use kord_api::v1 as pb;
 
-use crate::state::{self, SubOp, SubReply, WriteId};
+use crate::state::{self, CreateMode, SubOp, SubReply, WriteId};
 
 pub fn stat(s: &state::Stat) -> pb::Stat {
     pb::Stat {
@@ -16,6 +16,28 @@ pub fn stat(s: &state::Stat) -> pb::Stat {
         ephemeral_owner: s.ephemeral_owner,
         data_length: s.data_length,
         num_children: s.num_children,
+        kind: match s.kind {
+            state::NodeKind::Persistent => pb::NodeKind::Persistent,
+            state::NodeKind::Ephemeral => pb::NodeKind::Ephemeral,
+            state::NodeKind::Container => pb::NodeKind::Container,
+            state::NodeKind::Ttl => pb::NodeKind::Ttl,
+        } as i32,
+        ttl_ms: s.ttl_ms,
+    }
+}
+
+/// The requested node kind, before bounds are checked. Contradictions are refused here.
+pub fn create_mode(path: &str, lease_id: u64, container: bool, ttl_ms: u64, sequential: bool) -> Result<CreateMode, String> {
+    match (lease_id, container, ttl_ms) {
+        (0, false, 0) => Ok(CreateMode::Persistent),
+        (lease, false, 0) => Ok(CreateMode::Ephemeral { lease }),
+        (0, true, 0) if !sequential => Ok(CreateMode::Container),
+        (0, true, 0) => Err(format!("create {path}: a container node cannot be sequential")),
+        (0, false, ttl_ms) => Ok(CreateMode::Ttl { ttl_ms }),
+        (_, _, t) if t != 0 && lease_id != 0 => Err(format!(
+            "create {path}: ttl_ms cannot be set on an ephemeral node (lease_id {lease_id}): it lives as long as its lease"
+        )),
+        _ => Err(format!("create {path}: container cannot be combined with lease_id or ttl_ms")),
     }
 }
 
@@ -27,10 +49,11 @@ pub fn write_id(id: Option<pb::WriteId>) -> WriteId {
     })
 }
 
-/// A txn op from the wire; `None` when the oneof is unset.
-pub fn txn_op(op: pb::TxnOp) -> Option<SubOp> {
-    Some(match op.op? {
+/// A txn op from the wire, or why it is malformed.
+pub fn txn_op(op: pb::TxnOp) -> Result<SubOp, String> {
+    Ok(match op.op.ok_or("op is not set")? {
         pb::txn_op::Op::Create(c) => SubOp::Create {
+            mode: create_mode(&c.path, c.lease_id, c.container, c.ttl_ms, c.sequential)?,
             path: c.path,
             data: c.data,
             sequential: c.sequential,

@@ -11,7 +11,7 @@ use super::{EdgeError, Limits};
 use crate::metrics::Metrics;
 use crate::proposal::Proposer;
 use crate::raft::{NodeId, Raft};
-use crate::state::{path, Command, Op, Reply, SubOp, SubReply};
+use crate::state::{path, Command, CreateMode, Op, Reply, SubOp, SubReply};
 use crate::storage::state_machine::{AppliedState, SharedState};
 
 pub struct KvService {
@@ -59,6 +59,22 @@ impl KvService {
             })?,
             _ => path::validate(op.path())?,
         }
+        if let SubOp::Create {
+            mode: CreateMode::Ttl { ttl_ms },
+            ..
+        } = op
+        {
+            let (min, max) = self.limits.node_ttl_ms;
+            if !(min..=max).contains(ttl_ms) {
+                return Err(EdgeError::OutOfBounds {
+                    field: "ttl_ms",
+                    value: *ttl_ms,
+                    min,
+                    max,
+                    flags: "--node-ttl-min/--node-ttl-max",
+                });
+            }
+        }
         if let SubOp::Create { path, data, .. } | SubOp::Set { path, data, .. } = op {
             if data.len() > self.limits.max_value_bytes {
                 return Err(EdgeError::ValueTooLarge {
@@ -77,6 +93,9 @@ impl KvService {
         op: Op,
     ) -> Result<(u64, Reply), EdgeError> {
         match &op {
+            Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } | Op::LeaseExpire { .. } | Op::Reap { .. } => {
+                return Err(EdgeError::InvalidArgument("not a znode operation".into()))
+            }
             Op::Single(sub) => self.check_op(sub)?,
             Op::Txn(ops) => {
                 if ops.len() > self.limits.max_txn_ops {
@@ -146,15 +165,18 @@ impl Kv for KvService {
         req: Request<pb::CreateRequest>,
     ) -> Result<Response<pb::CreateResponse>, Status> {
         let r = req.into_inner();
-        let op = SubOp::Create {
-            path: r.path,
-            data: r.data,
-            sequential: r.sequential,
-        };
-        let result =
-            self.write_single(r.write_id, op)
-                .await
-                .and_then(|(header, reply)| match reply {
+        let mode = convert::create_mode(&r.path, r.lease_id, r.container, r.ttl_ms, r.sequential);
+        let result = async {
+            let op = SubOp::Create {
+                mode: mode.map_err(EdgeError::InvalidArgument)?,
+                path: r.path,
+                data: r.data,
+                sequential: r.sequential,
+            };
+            self.write_single(r.write_id, op).await
+        }
+        .await
+        .and_then(|(header, reply)| match reply {
                     SubReply::Created { path, stat } => Ok(pb::CreateResponse {
                         header: Some(header),
                         path,
@@ -276,9 +298,10 @@ impl Kv for KvService {
         let result = async {
             let mut ops = Vec::with_capacity(r.ops.len());
             for (i, op) in r.ops.into_iter().enumerate() {
-                ops.push(convert::txn_op(op).ok_or_else(|| {
-                    EdgeError::InvalidArgument(format!("txn op {i}: op is not set"))
-                })?);
+                ops.push(
+                    convert::txn_op(op)
+                        .map_err(|e| EdgeError::InvalidArgument(format!("txn op {i}: {e}")))?,
+                );
             }
             let (revision, reply) = self.write(r.write_id, Op::Txn(ops)).await?;
             let header = self.header(revision);

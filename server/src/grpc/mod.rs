@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod convert;
 pub mod kv;
+pub mod lease;
 
 use tonic::{Code, Status};
 
@@ -20,6 +21,12 @@ pub struct Limits {
     pub max_txn_ops: usize,
     /// Largest encoded request (all of a transaction's values together).
     pub max_request_bytes: usize,
+    /// Sessions get a timeout clamped into these bounds (milliseconds, inclusive).
+    pub session_timeout_ms: (u64, u64),
+    /// Leases outside these TTL bounds are refused.
+    pub lease_ttl_ms: (u64, u64),
+    /// TTL nodes outside these TTL bounds are refused.
+    pub node_ttl_ms: (u64, u64),
 }
 
 /// Everything that can go wrong at the edge, converted to a status in one place.
@@ -37,6 +44,16 @@ pub enum EdgeError {
     TooManyOps { actual: usize, limit: usize },
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("{field} {value} is out of bounds: it must be between {min} and {max} ({flags})")]
+    OutOfBounds {
+        field: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+        flags: &'static str,
+    },
+    #[error("lease {id} not found: never granted, revoked, or expired")]
+    LeaseNotFound { id: u64 },
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error(transparent)]
@@ -55,8 +72,9 @@ impl From<EdgeError> for Status {
             EdgeError::Path(_)
             | EdgeError::ValueTooLarge { .. }
             | EdgeError::TooManyOps { .. }
+            | EdgeError::OutOfBounds { .. }
             | EdgeError::InvalidArgument(_) => Status::invalid_argument(message),
-            EdgeError::NoNode { .. } => Status::not_found(message),
+            EdgeError::NoNode { .. } | EdgeError::LeaseNotFound { .. } => Status::not_found(message),
             EdgeError::WriteIdReused => Status::failed_precondition(message),
             EdgeError::Propose(_) => Status::unavailable(message),
             EdgeError::Apply(ref apply) => {
@@ -74,8 +92,11 @@ impl From<EdgeError> for Status {
 
 fn apply_code(e: &ApplyError) -> Code {
     match e {
-        ApplyError::NoNode { .. } | ApplyError::NoParent { .. } => Code::NotFound,
-        ApplyError::NodeExists { .. } => Code::AlreadyExists,
+        ApplyError::NoNode { .. } | ApplyError::NoParent { .. } | ApplyError::LeaseNotFound { .. } => {
+            Code::NotFound
+        }
+        ApplyError::NodeExists { .. } | ApplyError::LeaseExists { .. } => Code::AlreadyExists,
+        ApplyError::EphemeralParent { .. } => Code::InvalidArgument,
         ApplyError::BadVersion { .. } => Code::Aborted,
         ApplyError::NotEmpty { .. }
         | ApplyError::SequenceOverflow { .. }

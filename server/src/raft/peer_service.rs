@@ -9,6 +9,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::{NodeId, Raft, TypeConfig};
+use crate::liveness::{LeaseQuery, Liveness};
 use crate::proposal::{ForwardReply, Proposer};
 use crate::state::Command;
 use crate::storage::codec;
@@ -16,6 +17,7 @@ use crate::storage::codec;
 pub struct PeerService {
     pub raft: Raft,
     pub proposer: Proposer,
+    pub liveness: Liveness,
 }
 
 fn decode<T: DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -54,5 +56,10 @@ impl Peer for PeerService {
 
     async fn read_index(&self, _req: Request<Payload>) -> Result<Response<Payload>, Status> {
         reply(&self.proposer.read_index_here().await)
+    }
+
+    async fn lease(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let query: LeaseQuery = decode(req)?;
+        reply(&self.liveness.answer(query))
     }
 }

@@ -31,6 +31,37 @@ pub enum Op {
     Single(SubOp),
     /// All or nothing, under one revision.
     Txn(Vec<SubOp>),
+    /// Grants a lease; `id == 0` lets the state machine pick one.
+    LeaseGrant { id: u64, ttl_ms: u64, session: bool },
+    /// Revokes a lease on its holder's request, deleting its ephemeral nodes.
+    LeaseRevoke { id: u64 },
+    /// Proposed by the leader when leases went unrefreshed for their TTL. Ids already gone
+    /// are skipped.
+    LeaseExpire { ids: Vec<u64> },
+    /// Proposed by the leader: deletes container and TTL nodes that it saw due. Each is
+    /// re-checked at apply and skipped if it changed since.
+    Reap { nodes: Vec<ReapCandidate> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReapCandidate {
+    pub path: String,
+    /// The node's modify revision when the leader judged it due (TTL nodes).
+    pub modify_revision: u64,
+}
+
+/// The kind of node a create makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CreateMode {
+    #[default]
+    Persistent,
+    Ephemeral {
+        lease: u64,
+    },
+    Container,
+    Ttl {
+        ttl_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +70,7 @@ pub enum SubOp {
         path: String,
         data: Vec<u8>,
         sequential: bool,
+        mode: CreateMode,
     },
     Set {
         path: String,
@@ -90,6 +122,9 @@ pub enum Reply {
     Nothing,
     Single(SubReply),
     Txn(Vec<SubReply>),
+    LeaseGranted { id: u64, ttl_ms: u64 },
+    /// Revoke, expire and reap: the nodes deleted, in deletion order.
+    Deleted { paths: Vec<String> },
 }
 
 /// Why a command changed nothing. Deterministic data: it is stored for deduplicated retries.
@@ -109,6 +144,12 @@ pub enum ApplyError {
     },
     #[error("node {path} is not empty: it has {children} children")]
     NotEmpty { path: String, children: u32 },
+    #[error("lease {id} not found: never granted, revoked, or expired")]
+    LeaseNotFound { id: u64 },
+    #[error("lease {id} already exists")]
+    LeaseExists { id: u64 },
+    #[error("cannot create {path}: its parent {parent} is ephemeral, and ephemeral nodes cannot have children")]
+    EphemeralParent { path: String, parent: String },
     #[error("cannot {op} the root node")]
     RootNode { op: String },
     #[error("sequence counter of {parent} overflowed")]

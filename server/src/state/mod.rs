@@ -4,6 +4,7 @@
 //! that applies the same log reaches the same state. Storage persists what apply marks dirty.
 
 pub mod command;
+mod lease;
 pub mod path;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,8 +12,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 pub use command::{
-    ApplyError, ApplyOutput, Command, Event, EventKind, Op, Reply, SubOp, SubReply, WriteId,
+    ApplyError, ApplyOutput, Command, CreateMode, Event, EventKind, Op, ReapCandidate, Reply,
+    SubOp, SubReply, WriteId,
 };
+pub use lease::{Lease, StoredLease};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeKind {
+    #[default]
+    Persistent,
+    Ephemeral,
+    Container,
+    Ttl,
+}
 
 /// ZooKeeper's Stat, with revisions (log indexes) in place of zxids.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +39,9 @@ pub struct Stat {
     pub ephemeral_owner: u64,
     pub data_length: u32,
     pub num_children: u32,
+    pub kind: NodeKind,
+    /// TTL nodes only.
+    pub ttl_ms: u64,
 }
 
 /// A znode as stored: its stat and data. Children are kept in memory only and rebuilt on load.
@@ -62,6 +77,7 @@ pub const MAX_REPLIES_PER_CLIENT: usize = 1024;
 pub struct Dirty {
     pub nodes: BTreeSet<String>,
     pub clients: BTreeSet<u64>,
+    pub leases: BTreeSet<u64>,
 }
 
 #[derive(Debug)]
@@ -70,6 +86,11 @@ pub struct State {
     clients: BTreeMap<u64, ClientRecord>,
     /// (last_revision, client_id), to evict the least recently active client deterministically.
     clients_by_activity: BTreeSet<(u64, u64)>,
+    leases: BTreeMap<u64, Lease>,
+    /// Container and TTL nodes: what the leader's reaper looks at.
+    reapable: BTreeSet<String>,
+    /// Bumped whenever a lease is granted or removed, so the leader's countdowns can follow.
+    lease_generation: u64,
     dirty: Dirty,
 }
 
@@ -88,16 +109,23 @@ impl State {
             nodes,
             clients: BTreeMap::new(),
             clients_by_activity: BTreeSet::new(),
+            leases: BTreeMap::new(),
+            reapable: BTreeSet::new(),
+            lease_generation: 0,
             dirty: Dirty::default(),
         }
     }
 
-    /// Rebuilds the state from stored nodes and client records (in any order).
+    /// Rebuilds the state from stored nodes, client records and leases (in any order).
     pub fn load(
         nodes: impl IntoIterator<Item = (String, StoredNode)>,
         clients: impl IntoIterator<Item = (u64, ClientRecord)>,
+        leases: impl IntoIterator<Item = (u64, StoredLease)>,
     ) -> Self {
         let mut state = State::new();
+        for (id, stored) in leases {
+            state.leases.insert(id, Lease::from_stored(stored));
+        }
         for (path, stored) in nodes {
             state.nodes.insert(
                 path,
@@ -113,6 +141,18 @@ impl State {
             let parent = path::parent(&p).to_owned();
             if let Some(parent) = state.nodes.get_mut(&parent) {
                 parent.children.insert(path::name(&p).to_owned());
+            }
+            let stat = state.nodes[&p].stat;
+            match stat.kind {
+                NodeKind::Ephemeral => {
+                    if let Some(lease) = state.leases.get_mut(&stat.ephemeral_owner) {
+                        lease.nodes.insert(p.clone());
+                    }
+                }
+                NodeKind::Container | NodeKind::Ttl => {
+                    state.reapable.insert(p.clone());
+                }
+                NodeKind::Persistent => {}
             }
         }
         for (id, record) in clients {
@@ -165,6 +205,8 @@ impl State {
                 s.ephemeral_owner,
                 s.data_length as u64,
                 s.num_children as u64,
+                s.kind as u64,
+                s.ttl_ms,
             ] {
                 h.write(&v.to_le_bytes());
             }
@@ -204,6 +246,14 @@ impl State {
             Op::Txn(ops) => self
                 .apply_txn(revision, cmd.time_ms, ops, &mut events)
                 .map(Reply::Txn),
+            Op::LeaseGrant {
+                id: wanted,
+                ttl_ms,
+                session,
+            } => self.grant_lease(revision, *wanted, *ttl_ms, *session),
+            Op::LeaseRevoke { id: lease } => self.revoke_lease(revision, cmd.time_ms, *lease, &mut events),
+            Op::LeaseExpire { ids } => Ok(self.expire_leases(revision, cmd.time_ms, ids, &mut events)),
+            Op::Reap { nodes } => Ok(self.reap(revision, cmd.time_ms, nodes, &mut events)),
         };
         let out = ApplyOutput { revision, reply };
         if id.client_id != 0 {
@@ -252,10 +302,13 @@ impl State {
                 Ok(reply) => replies.push(reply),
                 Err(cause) => {
                     for (path, before) in undo {
-                        match before {
-                            Some(node) => self.nodes.insert(path, node),
-                            None => self.nodes.remove(&path),
-                        };
+                        if let Some(current) = self.nodes.remove(&path) {
+                            self.unindex_node(&path, &current.stat);
+                        }
+                        if let Some(node) = before {
+                            self.index_node(&path, &node.stat);
+                            self.nodes.insert(path, node);
+                        }
                     }
                     events.clear();
                     return Err(ApplyError::TxnOp {
@@ -292,6 +345,7 @@ impl State {
                 path: requested,
                 data,
                 sequential,
+                mode,
             } => {
                 if requested == "/" {
                     return Err(ApplyError::NodeExists { path: "/".into() });
@@ -303,6 +357,17 @@ impl State {
                         parent: parent_path.to_owned(),
                     });
                 };
+                if parent.stat.kind == NodeKind::Ephemeral {
+                    return Err(ApplyError::EphemeralParent {
+                        path: requested.clone(),
+                        parent: parent_path.to_owned(),
+                    });
+                }
+                if let CreateMode::Ephemeral { lease } = mode {
+                    if !self.leases.contains_key(lease) {
+                        return Err(ApplyError::LeaseNotFound { id: *lease });
+                    }
+                }
                 let path = if *sequential {
                     if parent.stat.cversion == i32::MAX {
                         return Err(ApplyError::SequenceOverflow {
@@ -319,6 +384,12 @@ impl State {
                 let parent_path = parent_path.to_owned();
                 save(&self.nodes, &parent_path);
                 save(&self.nodes, &path);
+                let (kind, ephemeral_owner, ttl_ms) = match *mode {
+                    CreateMode::Persistent => (NodeKind::Persistent, 0, 0),
+                    CreateMode::Ephemeral { lease } => (NodeKind::Ephemeral, lease, 0),
+                    CreateMode::Container => (NodeKind::Container, 0, 0),
+                    CreateMode::Ttl { ttl_ms } => (NodeKind::Ttl, 0, ttl_ms),
+                };
                 let stat = Stat {
                     create_revision: revision,
                     modify_revision: revision,
@@ -326,6 +397,9 @@ impl State {
                     ctime_ms: time_ms,
                     mtime_ms: time_ms,
                     data_length: data.len() as u32,
+                    kind,
+                    ephemeral_owner,
+                    ttl_ms,
                     ..Stat::default()
                 };
                 let parent = self.nodes.get_mut(&parent_path).expect("checked above");
@@ -344,6 +418,7 @@ impl State {
                 );
                 self.dirty.nodes.insert(parent_path.clone());
                 self.dirty.nodes.insert(path.clone());
+                self.index_node(&path, &stat);
                 events.push(Event {
                     kind: EventKind::Created,
                     path: path.clone(),
@@ -402,6 +477,7 @@ impl State {
                 save(&self.nodes, path);
                 save(&self.nodes, &parent_path);
                 let removed = self.nodes.remove(path).expect("checked above");
+                self.unindex_node(path, &removed.stat);
                 let parent = self
                     .nodes
                     .get_mut(&parent_path)

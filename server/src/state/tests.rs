@@ -13,6 +13,7 @@ fn create(path: &str, data: &str) -> SubOp {
         path: path.into(),
         data: data.into(),
         sequential: false,
+        mode: CreateMode::Persistent,
     }
 }
 
@@ -21,6 +22,7 @@ fn seq(path: &str) -> SubOp {
         path: path.into(),
         data: Vec::new(),
         sequential: true,
+        mode: CreateMode::Persistent,
     }
 }
 
@@ -179,7 +181,181 @@ fn load_rebuilds_children_and_digest() {
         .iter()
         .map(|p| (p.clone(), s.stored_node(p).unwrap()))
         .collect();
-    let loaded = State::load(nodes, []);
+    let loaded = State::load(nodes, [], []);
     assert_eq!(loaded.digest(), s.digest());
     assert!(loaded.get("/a").unwrap().children.contains("b"));
+}
+
+fn raw(op: Op) -> Command {
+    Command {
+        write_id: WriteId::default(),
+        time_ms: 7,
+        op,
+    }
+}
+
+fn create_mode(path: &str, mode: CreateMode) -> SubOp {
+    SubOp::Create {
+        path: path.into(),
+        data: Vec::new(),
+        sequential: false,
+        mode,
+    }
+}
+
+fn granted(out: &ApplyOutput) -> u64 {
+    match out.reply {
+        Ok(Reply::LeaseGranted { id, .. }) => id,
+        ref other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn ephemeral_nodes_die_with_their_lease_atomically() {
+    let mut s = State::new();
+    let lease = granted(
+        &s.apply(
+            3,
+            &raw(Op::LeaseGrant {
+                id: 0,
+                ttl_ms: 5_000,
+                session: true,
+            }),
+        )
+        .0,
+    );
+    assert_eq!(lease, 3, "an automatic id is the grant's revision");
+    s.apply(4, &cmd(create("/svc", "")));
+    let (out, _) = s.apply(5, &cmd(create_mode("/svc/a", CreateMode::Ephemeral { lease })));
+    assert!(out.reply.is_ok());
+    s.apply(6, &cmd(create_mode("/svc/b", CreateMode::Ephemeral { lease })));
+    let stat = s.get("/svc/a").unwrap().stat;
+    assert_eq!((stat.kind, stat.ephemeral_owner), (NodeKind::Ephemeral, lease));
+    // No children under an ephemeral node.
+    let (out, _) = s.apply(7, &cmd(create("/svc/a/x", "")));
+    assert!(matches!(out.reply, Err(ApplyError::EphemeralParent { .. })));
+    // Unknown lease.
+    let (out, _) = s.apply(8, &cmd(create_mode("/svc/c", CreateMode::Ephemeral { lease: 999 })));
+    assert!(matches!(out.reply, Err(ApplyError::LeaseNotFound { id: 999 })));
+
+    let (out, events) = s.apply(9, &raw(Op::LeaseExpire { ids: vec![lease, 12345] }));
+    assert_eq!(
+        out.reply,
+        Ok(Reply::Deleted {
+            paths: vec!["/svc/a".into(), "/svc/b".into()]
+        })
+    );
+    assert!(events.iter().all(|e| e.stat.modify_revision <= 9));
+    assert_eq!(events.iter().filter(|e| e.kind == EventKind::Deleted).count(), 2);
+    assert!(s.get("/svc/a").is_none() && s.lease(lease).is_none());
+    assert_eq!(s.get("/svc").unwrap().children.len(), 0);
+    // Expiring again changes nothing; revoking an unknown lease is an error.
+    let before = s.digest();
+    s.apply(10, &raw(Op::LeaseExpire { ids: vec![lease] }));
+    let (out, _) = s.apply(11, &raw(Op::LeaseRevoke { id: lease }));
+    assert!(matches!(out.reply, Err(ApplyError::LeaseNotFound { .. })));
+    assert_eq!(s.digest(), before);
+}
+
+#[test]
+fn failed_txn_leaves_lease_index_intact() {
+    let mut s = State::new();
+    let lease = granted(
+        &s.apply(
+            1,
+            &raw(Op::LeaseGrant {
+                id: 77,
+                ttl_ms: 1_000,
+                session: false,
+            }),
+        )
+        .0,
+    );
+    assert_eq!(lease, 77);
+    let txn = raw(Op::Txn(vec![
+        create_mode("/e", CreateMode::Ephemeral { lease }),
+        create("/missing/x", ""),
+    ]));
+    let (out, _) = s.apply(2, &txn);
+    assert!(out.reply.is_err());
+    assert!(s.lease(lease).unwrap().nodes.is_empty());
+    let (out, _) = s.apply(3, &raw(Op::LeaseRevoke { id: lease }));
+    assert_eq!(out.reply, Ok(Reply::Deleted { paths: vec![] }));
+}
+
+#[test]
+fn reap_deletes_only_what_is_still_due() {
+    let mut s = State::new();
+    s.apply(1, &cmd(create_mode("/locks", CreateMode::Container)));
+    s.apply(2, &cmd(create_mode("/t", CreateMode::Ttl { ttl_ms: 1_000 })));
+    let candidates = |s: &State| -> Vec<ReapCandidate> {
+        s.reapable()
+            .map(|(p, st)| ReapCandidate {
+                path: p.to_owned(),
+                modify_revision: st.modify_revision,
+            })
+            .collect()
+    };
+    // A container that never had a child stays; an unmodified childless TTL node goes.
+    let (out, _) = s.apply(3, &raw(Op::Reap { nodes: candidates(&s) }));
+    assert_eq!(out.reply, Ok(Reply::Deleted { paths: vec!["/t".into()] }));
+    assert!(s.get("/locks").is_some());
+    // After its last child goes, the container goes too.
+    s.apply(4, &cmd(create("/locks/a", "")));
+    let stale = candidates(&s);
+    s.apply(
+        5,
+        &cmd(SubOp::Delete {
+            path: "/locks/a".into(),
+            expected_version: None,
+        }),
+    );
+    let (out, _) = s.apply(6, &raw(Op::Reap { nodes: stale }));
+    assert_eq!(out.reply, Ok(Reply::Deleted { paths: vec!["/locks".into()] }));
+    // A TTL node modified after the leader looked is kept.
+    s.apply(7, &cmd(create_mode("/t2", CreateMode::Ttl { ttl_ms: 1_000 })));
+    let seen = candidates(&s);
+    s.apply(
+        8,
+        &cmd(SubOp::Set {
+            path: "/t2".into(),
+            data: b"x".to_vec(),
+            expected_version: None,
+        }),
+    );
+    let (out, _) = s.apply(9, &raw(Op::Reap { nodes: seen }));
+    assert_eq!(out.reply, Ok(Reply::Deleted { paths: vec![] }));
+}
+
+#[test]
+fn load_rebuilds_lease_and_reap_indexes() {
+    let mut s = State::new();
+    let lease = granted(
+        &s.apply(
+            1,
+            &raw(Op::LeaseGrant {
+                id: 0,
+                ttl_ms: 1_000,
+                session: true,
+            }),
+        )
+        .0,
+    );
+    s.apply(2, &cmd(create_mode("/e", CreateMode::Ephemeral { lease })));
+    s.apply(3, &cmd(create_mode("/c", CreateMode::Container)));
+    let dirty = s.take_dirty();
+    let nodes: Vec<_> = dirty
+        .nodes
+        .iter()
+        .filter_map(|p| s.stored_node(p).map(|n| (p.clone(), n)))
+        .collect();
+    let leases: Vec<_> = dirty
+        .leases
+        .iter()
+        .filter_map(|id| s.stored_lease(*id).map(|l| (*id, l)))
+        .collect();
+    let loaded = State::load(nodes, [], leases);
+    assert_eq!(loaded.digest(), s.digest());
+    assert!(loaded.lease(lease).unwrap().nodes.contains("/e"));
+    assert_eq!(loaded.reapable().count(), 1);
 }

@@ -26,12 +26,14 @@ pub mod cf {
     pub const NODES: &str = "nodes";
     /// Deduplication records by client id.
     pub const CLIENTS: &str = "clients";
+    /// Leases and sessions by id.
+    pub const LEASES: &str = "leases";
     /// Events by revision, kept until compaction.
     pub const EVENTS: &str = "events";
     /// Last applied log id, membership, compaction point.
     pub const SM_META: &str = "sm_meta";
 
-    pub const ALL: [&str; 6] = [LOG, RAFT_META, NODES, CLIENTS, EVENTS, SM_META];
+    pub const ALL: [&str; 7] = [LOG, RAFT_META, NODES, CLIENTS, LEASES, EVENTS, SM_META];
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,6 +21,7 @@ pub type RawPairs = Vec<(Vec<u8>, Vec<u8>)>;
 pub struct SnapshotData {
     pub nodes: RawPairs,
     pub clients: RawPairs,
+    pub leases: RawPairs,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -18,7 +18,7 @@ use super::snapshot::{RawPairs, SnapshotData, SnapshotFile, StoredSnapshot};
 use super::{cf, cf_handle, to_storage_error, StoreError};
 use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use crate::state::{ApplyOutput, ClientRecord, Reply, State, StoredNode};
+use crate::state::{ApplyOutput, ClientRecord, Reply, State, StoredLease, StoredNode};
 
 /// What reads see: the state as of `last_applied`.
 #[derive(Debug)]
@@ -87,6 +87,7 @@ impl StateMachineStore {
         let events_cf = cf_handle(&self.db, cf::EVENTS)?;
         let nodes_cf = cf_handle(&self.db, cf::NODES)?;
         let clients_cf = cf_handle(&self.db, cf::CLIENTS)?;
+        let leases_cf = cf_handle(&self.db, cf::LEASES)?;
         let meta_cf = cf_handle(&self.db, cf::SM_META)?;
         let mut batch = WriteBatch::default();
         let mut outputs = Vec::with_capacity(entries.len());
@@ -131,6 +132,12 @@ impl StateMachineStore {
                 None => batch.delete_cf(clients_cf, u64_key(*id)),
             }
         }
+        for id in &dirty.leases {
+            match applied.state.stored_lease(*id) {
+                Some(lease) => batch.put_cf(leases_cf, u64_key(*id), codec::encode(&lease)),
+                None => batch.delete_cf(leases_cf, u64_key(*id)),
+            }
+        }
         batch.put_cf(
             meta_cf,
             codec::LAST_APPLIED,
@@ -153,7 +160,7 @@ impl StateMachineStore {
     fn install(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StoreError> {
         let data: SnapshotData = codec::decode("snapshot", &bytes)?;
         let mut batch = WriteBatch::default();
-        for name in [cf::NODES, cf::CLIENTS, cf::EVENTS, cf::SM_META] {
+        for name in [cf::NODES, cf::CLIENTS, cf::LEASES, cf::EVENTS, cf::SM_META] {
             batch.delete_range_cf(
                 cf_handle(&self.db, name)?,
                 b"".as_slice(),
@@ -167,6 +174,10 @@ impl StateMachineStore {
         let clients_cf = cf_handle(&self.db, cf::CLIENTS)?;
         for (k, v) in &data.clients {
             batch.put_cf(clients_cf, k, v);
+        }
+        let leases_cf = cf_handle(&self.db, cf::LEASES)?;
+        for (k, v) in &data.leases {
+            batch.put_cf(leases_cf, k, v);
         }
         let meta_cf = cf_handle(&self.db, cf::SM_META)?;
         let compacted = meta.last_log_id.map_or(0, |l| l.index);
@@ -215,7 +226,13 @@ fn decode_state(data: &SnapshotData) -> Result<State, StoreError> {
         .filter_map(|(k, v)| codec::key_u64(k).map(|id| (id, v)))
         .map(|(id, v)| Ok((id, codec::decode::<ClientRecord>("client record", v)?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(State::load(nodes, clients))
+    let leases = data
+        .leases
+        .iter()
+        .filter_map(|(k, v)| codec::key_u64(k).map(|id| (id, v)))
+        .map(|(id, v)| Ok((id, codec::decode::<StoredLease>("lease", v)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(State::load(nodes, clients, leases))
 }
 
 /// Reads the state column families through `scan` (over the live DB or a DB snapshot).
@@ -226,6 +243,7 @@ fn read_state_cfs(
     Ok(SnapshotData {
         nodes: scan(cf_handle(db, cf::NODES)?)?,
         clients: scan(cf_handle(db, cf::CLIENTS)?)?,
+        leases: scan(cf_handle(db, cf::LEASES)?)?,
     })
 }
 
