@@ -362,6 +362,11 @@ impl Cluster {
         self.ids().into_iter().map(|id| self.kv(id)).collect()
     }
 
+    /// A Lease client for member `id`.
+    pub fn lease(&self, id: u64) -> kord_api::v1::lease_client::LeaseClient<Channel> {
+        kord_api::v1::lease_client::LeaseClient::new(self.member(id).channel.clone())
+    }
+
     pub fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
         ClusterClient::new(self.member(id).channel.clone())
     }

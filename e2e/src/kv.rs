@@ -59,7 +59,7 @@ pub fn create_req(path: &str, data: impl AsRef<[u8]>) -> CreateRequest {
         write_id: None,
         path: path.to_string(),
         data: data.as_ref().to_vec(),
-        sequential: false,
+        ..Default::default()
     }
 }
 
@@ -115,6 +115,7 @@ pub fn op_create(path: &str, data: impl AsRef<[u8]>, sequential: bool) -> TxnOp 
             path: path.to_string(),
             data: data.as_ref().to_vec(),
             sequential,
+            ..Default::default()
         })),
     }
 }

@@ -42,6 +42,7 @@ async fn sequential_create_retried_after_leader_kill_is_applied_once() {
         path: "/dedup/n-".into(),
         data: b"once".to_vec(),
         sequential: true,
+        ..Default::default()
     };
     let first = c
         .kv(leader)

@@ -47,7 +47,7 @@ async fn writer(
             write_id: Some(ids.next_id()),
             path: path.clone(),
             data: path.clone().into_bytes(),
-            sequential: false,
+            ..Default::default()
         };
         report.attempted.push(path.clone());
         // Start on different members so that followers forward writes too.
