@@ -359,3 +359,33 @@ fn load_rebuilds_lease_and_reap_indexes() {
     assert!(loaded.lease(lease).unwrap().nodes.contains("/e"));
     assert_eq!(loaded.reapable().count(), 1);
 }
+
+#[test]
+fn ephemeral_and_sequential_combine() {
+    let mut s = State::new();
+    let lease = granted(
+        &s.apply(
+            1,
+            &raw(Op::LeaseGrant {
+                id: 0,
+                ttl_ms: 1_000,
+                session: true,
+            }),
+        )
+        .0,
+    );
+    s.apply(2, &cmd(create("/q", "")));
+    let op = SubOp::Create {
+        path: "/q/m-".into(),
+        data: Vec::new(),
+        sequential: true,
+        mode: CreateMode::Ephemeral { lease },
+    };
+    let (out, _) = s.apply(3, &cmd(op));
+    let Ok(Reply::Single(SubReply::Created { path, stat })) = out.reply else {
+        panic!("{out:?}")
+    };
+    assert_eq!(path, "/q/m-0000000000");
+    assert_eq!((stat.kind, stat.ephemeral_owner), (NodeKind::Ephemeral, lease));
+    assert!(s.lease(lease).unwrap().nodes.contains(&path));
+}
