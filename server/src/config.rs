@@ -204,7 +204,11 @@ impl Args {
             }
         }
         for (what, min, max) in [
-            ("session-timeout", self.session_timeout_min, self.session_timeout_max),
+            (
+                "session-timeout",
+                self.session_timeout_min,
+                self.session_timeout_max,
+            ),
             ("lease-ttl", self.lease_ttl_min, self.lease_ttl_max),
             ("node-ttl", self.node_ttl_min, self.node_ttl_max),
         ] {

@@ -61,7 +61,13 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    pub fn new(id: NodeId, raft: Raft, state: SharedState, proposer: Proposer, reap_interval: Duration) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        state: SharedState,
+        proposer: Proposer,
+        reap_interval: Duration,
+    ) -> Self {
         Liveness {
             id,
             raft,

@@ -4,11 +4,12 @@
 //! the leader confirms its leadership with a quorum (read index), and the serving member waits
 //! until it has applied up to that index.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::liveness::{LeaseError, LeaseQuery};
 use crate::metrics::Metrics;
@@ -56,6 +57,17 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// How long to wait for a leader to appear or for apply to catch up.
     wait: Duration,
+    /// Linearizable reads waiting for the next read-index round.
+    reads: Mutex<ReadRounds>,
+}
+
+/// Read-index batching (as etcd does): one quorum round answers every read that arrived
+/// before the round started. A read arriving during a round waits for the next one, so the
+/// index it gets is always confirmed after the read arrived.
+#[derive(Default)]
+struct ReadRounds {
+    running: bool,
+    waiting: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
 }
 
 /// Forwarding hops before giving up (leadership may move while a write is in flight).
@@ -76,6 +88,7 @@ impl Proposer {
                 channels,
                 metrics,
                 wait,
+                reads: Mutex::default(),
             }),
         }
     }
@@ -83,31 +96,30 @@ impl Proposer {
     /// Proposes a command wherever the leader is and returns its apply result.
     pub async fn propose(&self, cmd: Command) -> Result<ApplyOutput, ProposeError> {
         let start = Instant::now();
-        let mut last_err = ProposeError::NoLeader;
-        for _ in 0..MAX_ATTEMPTS {
-            let leader = match self.leader().await {
-                Ok(l) => l,
-                Err(e) => return Err(e),
-            };
-            let result = if leader == self.inner.id {
-                self.propose_here(cmd.clone()).await
-            } else {
-                self.forward(leader, &cmd).await
-            };
-            match result {
-                Ok(out) => {
-                    self.inner
-                        .metrics
-                        .proposal_seconds
-                        .observe(start.elapsed().as_secs_f64());
-                    return Ok(out);
+        let mut leader = self.leader().await?;
+        let mut forwards = 0;
+        let out = loop {
+            if leader == self.inner.id {
+                // Moved, not copied: if leadership moved meanwhile the write was not appended,
+                // and the client retries it (with the same write id).
+                break self.propose_here(cmd).await?;
+            }
+            match self.forward(leader, &cmd).await {
+                Ok(out) => break out,
+                // Leadership moved while forwarding: look again, a bounded number of times.
+                Err(ProposeError::NotLeader { .. }) if forwards + 1 < MAX_ATTEMPTS => {
+                    forwards += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    leader = self.leader().await?;
                 }
-                // Leadership moved: look for the new leader and try again.
-                Err(e @ ProposeError::NotLeader { .. }) => last_err = e,
                 Err(e) => return Err(e),
             }
-        }
-        Err(last_err)
+        };
+        self.inner
+            .metrics
+            .proposal_seconds
+            .observe(start.elapsed().as_secs_f64());
+        Ok(out)
     }
 
     /// Proposes on this member, which must be the leader.
@@ -153,7 +165,10 @@ impl Proposer {
     }
 
     /// Sends a lease query to the leader's countdowns on another member.
-    pub async fn forward_lease(&self, query: LeaseQuery) -> Result<Result<u64, LeaseError>, ProposeError> {
+    pub async fn forward_lease(
+        &self,
+        query: LeaseQuery,
+    ) -> Result<Result<u64, LeaseError>, ProposeError> {
         let leader = self.leader().await?;
         let addr = self.peer_addr(leader)?;
         let failed = |reason: String| ProposeError::ForwardFailed {
@@ -161,12 +176,19 @@ impl Proposer {
             addr: addr.clone(),
             reason,
         };
-        let mut client = self.inner.channels.client(&addr).map_err(|e| failed(e.to_string()))?;
+        let mut client = self
+            .inner
+            .channels
+            .client(&addr)
+            .map_err(|e| failed(e.to_string()))?;
         let mut request = tonic::Request::new(kord_api::peer::Payload {
             data: codec::encode(&query),
         });
         request.set_timeout(self.inner.wait);
-        let response = client.lease(request).await.map_err(|s| failed(s.message().to_owned()))?;
+        let response = client
+            .lease(request)
+            .await
+            .map_err(|s| failed(s.message().to_owned()))?;
         let answer = postcard::from_bytes::<Result<u64, LeaseError>>(&response.into_inner().data)
             .map_err(|e| failed(format!("malformed reply: {e}")))?;
         match answer {
@@ -207,6 +229,41 @@ impl Proposer {
 
     /// Returns once this member's state reflects every write acknowledged before the call.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        let start_round = {
+            let mut rounds = self.inner.reads.lock().expect("read rounds lock poisoned");
+            rounds.waiting.push(tx);
+            !std::mem::replace(&mut rounds.running, true)
+        };
+        if start_round {
+            // Driven by its own task, so a cancelled request cannot strand the others.
+            tokio::spawn(self.clone().drive_read_rounds());
+        }
+        let index = rx
+            .await
+            .map_err(|_| ProposeError::Stopped("read round abandoned".into()))??;
+        self.wait_applied(index).await
+    }
+
+    async fn drive_read_rounds(self) {
+        loop {
+            let batch = {
+                let mut rounds = self.inner.reads.lock().expect("read rounds lock poisoned");
+                if rounds.waiting.is_empty() {
+                    rounds.running = false;
+                    return;
+                }
+                std::mem::take(&mut rounds.waiting)
+            };
+            let result = self.read_index().await;
+            for waiter in batch {
+                let _ = waiter.send(result.clone());
+            }
+        }
+    }
+
+    /// One read-index round, through the leader wherever it is.
+    async fn read_index(&self) -> Result<u64, ProposeError> {
         let mut last_err = ProposeError::NoLeader;
         for _ in 0..MAX_ATTEMPTS {
             let leader = self.leader().await?;
@@ -216,9 +273,8 @@ impl Proposer {
                 self.remote_read_index(leader).await
             };
             match index {
-                Ok(index) => return self.wait_applied(index).await,
                 Err(e @ ProposeError::NotLeader { .. }) => last_err = e,
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
         Err(last_err)

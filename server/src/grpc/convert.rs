@@ -27,7 +27,13 @@ pub fn stat(s: &state::Stat) -> pb::Stat {
 }
 
 /// The requested node kind, before bounds are checked. Contradictions are refused here.
-pub fn create_mode(path: &str, lease_id: u64, container: bool, ttl_ms: u64, sequential: bool) -> Result<CreateMode, String> {
+pub fn create_mode(
+    path: &str,
+    lease_id: u64,
+    container: bool,
+    ttl_ms: u64,
+    sequential: bool,
+) -> Result<CreateMode, String> {
     match (lease_id, container, ttl_ms) {
         (0, false, 0) => Ok(CreateMode::Persistent),
         (lease, false, 0) => Ok(CreateMode::Ephemeral { lease }),

@@ -93,7 +93,10 @@ impl KvService {
         op: Op,
     ) -> Result<(u64, Reply), EdgeError> {
         match &op {
-            Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } | Op::LeaseExpire { .. } | Op::Reap { .. } => {
+            Op::LeaseGrant { .. }
+            | Op::LeaseRevoke { .. }
+            | Op::LeaseExpire { .. }
+            | Op::Reap { .. } => {
                 return Err(EdgeError::InvalidArgument("not a znode operation".into()))
             }
             Op::Single(sub) => self.check_op(sub)?,
@@ -177,13 +180,13 @@ impl Kv for KvService {
         }
         .await
         .and_then(|(header, reply)| match reply {
-                    SubReply::Created { path, stat } => Ok(pb::CreateResponse {
-                        header: Some(header),
-                        path,
-                        stat: Some(convert::stat(&stat)),
-                    }),
-                    _ => Err(EdgeError::WriteIdReused),
-                });
+            SubReply::Created { path, stat } => Ok(pb::CreateResponse {
+                header: Some(header),
+                path,
+                stat: Some(convert::stat(&stat)),
+            }),
+            _ => Err(EdgeError::WriteIdReused),
+        });
         self.finish("create", result)
     }
 

@@ -34,7 +34,9 @@ impl From<LeaseError> for EdgeError {
     fn from(e: LeaseError) -> Self {
         match e {
             LeaseError::NotFound(id) => EdgeError::LeaseNotFound { id },
-            LeaseError::NotLeader { .. } => EdgeError::Propose(crate::proposal::ProposeError::NoLeader),
+            LeaseError::NotLeader { .. } => {
+                EdgeError::Propose(crate::proposal::ProposeError::NoLeader)
+            }
         }
     }
 }
@@ -48,9 +50,15 @@ impl LeaseService {
         }
     }
 
-    fn finish<T>(&self, op: &'static str, result: Result<T, EdgeError>) -> Result<Response<T>, Status> {
+    fn finish<T>(
+        &self,
+        op: &'static str,
+        result: Result<T, EdgeError>,
+    ) -> Result<Response<T>, Status> {
         let result = result.map(Response::new).map_err(Status::from);
-        let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
         self.metrics.count_request(op, code);
         result
     }
@@ -63,7 +71,11 @@ impl LeaseService {
         }
     }
 
-    async fn propose(&self, write_id: Option<pb::WriteId>, op: Op) -> Result<(u64, Reply), EdgeError> {
+    async fn propose(
+        &self,
+        write_id: Option<pb::WriteId>,
+        op: Op,
+    ) -> Result<(u64, Reply), EdgeError> {
         let cmd = Command {
             write_id: convert::write_id(write_id),
             time_ms: 0,
@@ -93,11 +105,15 @@ impl LeaseService {
     }
 }
 
-type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    async fn grant(&self, req: Request<pb::LeaseGrantRequest>) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+    async fn grant(
+        &self,
+        req: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let r = req.into_inner();
         let result = async {
             let ttl_ms = self.granted_ttl(r.ttl_ms, r.session)?;
@@ -119,10 +135,16 @@ impl Lease for LeaseService {
         self.finish("lease_grant", result)
     }
 
-    async fn revoke(&self, req: Request<pb::LeaseRevokeRequest>) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+    async fn revoke(
+        &self,
+        req: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         let r = req.into_inner();
         let result = async {
-            match self.propose(r.write_id, Op::LeaseRevoke { id: r.id }).await? {
+            match self
+                .propose(r.write_id, Op::LeaseRevoke { id: r.id })
+                .await?
+            {
                 (revision, Reply::Deleted { paths }) => Ok(pb::LeaseRevokeResponse {
                     header: Some(self.header(revision)),
                     deleted: paths,
@@ -147,8 +169,13 @@ impl Lease for LeaseService {
             while let Some(msg) = incoming.next().await {
                 let reply = match msg {
                     Ok(m) => {
-                        let result = service.ask_leader(LeaseQuery::KeepAlive(m.id)).await.map_err(Status::from);
-                        let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+                        let result = service
+                            .ask_leader(LeaseQuery::KeepAlive(m.id))
+                            .await
+                            .map_err(Status::from);
+                        let code = result
+                            .as_ref()
+                            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
                         service.metrics.count_request("lease_keepalive", code);
                         result.map(|ttl_ms| pb::LeaseKeepAliveResponse {
                             header: Some(service.header(service.state.read().applied_index())),
@@ -177,7 +204,10 @@ impl Lease for LeaseService {
             self.proposer.read_barrier().await?;
             let remaining_ms = self.ask_leader(LeaseQuery::Remaining(r.id)).await?;
             let applied = self.state.read();
-            let lease = applied.state.lease(r.id).ok_or(EdgeError::LeaseNotFound { id: r.id })?;
+            let lease = applied
+                .state
+                .lease(r.id)
+                .ok_or(EdgeError::LeaseNotFound { id: r.id })?;
             Ok(pb::LeaseTimeToLiveResponse {
                 header: Some(self.header(applied.applied_index())),
                 id: r.id,
@@ -191,7 +221,10 @@ impl Lease for LeaseService {
         self.finish("lease_ttl", result)
     }
 
-    async fn list(&self, _req: Request<pb::LeaseListRequest>) -> Result<Response<pb::LeaseListResponse>, Status> {
+    async fn list(
+        &self,
+        _req: Request<pb::LeaseListRequest>,
+    ) -> Result<Response<pb::LeaseListResponse>, Status> {
         let result = async {
             self.proposer.read_barrier().await?;
             let applied = self.state.read();

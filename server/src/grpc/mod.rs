@@ -74,7 +74,9 @@ impl From<EdgeError> for Status {
             | EdgeError::TooManyOps { .. }
             | EdgeError::OutOfBounds { .. }
             | EdgeError::InvalidArgument(_) => Status::invalid_argument(message),
-            EdgeError::NoNode { .. } | EdgeError::LeaseNotFound { .. } => Status::not_found(message),
+            EdgeError::NoNode { .. } | EdgeError::LeaseNotFound { .. } => {
+                Status::not_found(message)
+            }
             EdgeError::WriteIdReused => Status::failed_precondition(message),
             EdgeError::Propose(_) => Status::unavailable(message),
             EdgeError::Apply(ref apply) => {
@@ -92,9 +94,9 @@ impl From<EdgeError> for Status {
 
 fn apply_code(e: &ApplyError) -> Code {
     match e {
-        ApplyError::NoNode { .. } | ApplyError::NoParent { .. } | ApplyError::LeaseNotFound { .. } => {
-            Code::NotFound
-        }
+        ApplyError::NoNode { .. }
+        | ApplyError::NoParent { .. }
+        | ApplyError::LeaseNotFound { .. } => Code::NotFound,
         ApplyError::NodeExists { .. } | ApplyError::LeaseExists { .. } => Code::AlreadyExists,
         ApplyError::EphemeralParent { .. } => Code::InvalidArgument,
         ApplyError::BadVersion { .. } => Code::Aborted,

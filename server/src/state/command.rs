@@ -122,9 +122,14 @@ pub enum Reply {
     Nothing,
     Single(SubReply),
     Txn(Vec<SubReply>),
-    LeaseGranted { id: u64, ttl_ms: u64 },
+    LeaseGranted {
+        id: u64,
+        ttl_ms: u64,
+    },
     /// Revoke, expire and reap: the nodes deleted, in deletion order.
-    Deleted { paths: Vec<String> },
+    Deleted {
+        paths: Vec<String>,
+    },
 }
 
 /// Why a command changed nothing. Deterministic data: it is stored for deduplicated retries.

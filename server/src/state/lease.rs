@@ -94,7 +94,13 @@ impl State {
         }
     }
 
-    pub(super) fn grant_lease(&mut self, revision: u64, wanted: u64, ttl_ms: u64, session: bool) -> Result<Reply, ApplyError> {
+    pub(super) fn grant_lease(
+        &mut self,
+        revision: u64,
+        wanted: u64,
+        ttl_ms: u64,
+        session: bool,
+    ) -> Result<Reply, ApplyError> {
         let id = if wanted == 0 {
             // The revision is unique; step past ids that clients picked themselves.
             let mut id = revision;
@@ -121,7 +127,13 @@ impl State {
         Ok(Reply::LeaseGranted { id, ttl_ms })
     }
 
-    pub(super) fn revoke_lease(&mut self, revision: u64, time_ms: i64, id: u64, events: &mut Vec<Event>) -> Result<Reply, ApplyError> {
+    pub(super) fn revoke_lease(
+        &mut self,
+        revision: u64,
+        time_ms: i64,
+        id: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, ApplyError> {
         if !self.leases.contains_key(&id) {
             return Err(ApplyError::LeaseNotFound { id });
         }
@@ -130,7 +142,13 @@ impl State {
         })
     }
 
-    pub(super) fn expire_leases(&mut self, revision: u64, time_ms: i64, ids: &[u64], events: &mut Vec<Event>) -> Reply {
+    pub(super) fn expire_leases(
+        &mut self,
+        revision: u64,
+        time_ms: i64,
+        ids: &[u64],
+        events: &mut Vec<Event>,
+    ) -> Reply {
         let mut paths = Vec::new();
         for id in ids {
             if self.leases.contains_key(id) {
@@ -141,8 +159,18 @@ impl State {
     }
 
     /// Deletes the lease and every node attached to it, in path order.
-    fn remove_lease(&mut self, revision: u64, time_ms: i64, id: u64, events: &mut Vec<Event>) -> Vec<String> {
-        let nodes = self.leases.get(&id).map(|l| l.nodes.clone()).unwrap_or_default();
+    fn remove_lease(
+        &mut self,
+        revision: u64,
+        time_ms: i64,
+        id: u64,
+        events: &mut Vec<Event>,
+    ) -> Vec<String> {
+        let nodes = self
+            .leases
+            .get(&id)
+            .map(|l| l.nodes.clone())
+            .unwrap_or_default();
         let mut deleted = Vec::with_capacity(nodes.len());
         for path in nodes {
             if self.delete_unchecked(revision, time_ms, &path, events) {
@@ -157,7 +185,13 @@ impl State {
 
     /// Deletes the candidates that are still due: a container that has had children and has
     /// none now; a TTL node without children, not modified since the leader looked.
-    pub(super) fn reap(&mut self, revision: u64, time_ms: i64, candidates: &[ReapCandidate], events: &mut Vec<Event>) -> Reply {
+    pub(super) fn reap(
+        &mut self,
+        revision: u64,
+        time_ms: i64,
+        candidates: &[ReapCandidate],
+        events: &mut Vec<Event>,
+    ) -> Reply {
         let mut deleted = Vec::new();
         for c in candidates {
             let due = self.nodes.get(&c.path).is_some_and(|n| {
@@ -177,7 +211,13 @@ impl State {
 
     /// Deletes a childless node through the ordinary delete, so stats and events match a
     /// client's delete exactly. Returns whether it was deleted.
-    fn delete_unchecked(&mut self, revision: u64, time_ms: i64, path: &str, events: &mut Vec<Event>) -> bool {
+    fn delete_unchecked(
+        &mut self,
+        revision: u64,
+        time_ms: i64,
+        path: &str,
+        events: &mut Vec<Event>,
+    ) -> bool {
         let op = SubOp::Delete {
             path: path.to_owned(),
             expected_version: None,

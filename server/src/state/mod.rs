@@ -251,8 +251,12 @@ impl State {
                 ttl_ms,
                 session,
             } => self.grant_lease(revision, *wanted, *ttl_ms, *session),
-            Op::LeaseRevoke { id: lease } => self.revoke_lease(revision, cmd.time_ms, *lease, &mut events),
-            Op::LeaseExpire { ids } => Ok(self.expire_leases(revision, cmd.time_ms, ids, &mut events)),
+            Op::LeaseRevoke { id: lease } => {
+                self.revoke_lease(revision, cmd.time_ms, *lease, &mut events)
+            }
+            Op::LeaseExpire { ids } => {
+                Ok(self.expire_leases(revision, cmd.time_ms, ids, &mut events))
+            }
             Op::Reap { nodes } => Ok(self.reap(revision, cmd.time_ms, nodes, &mut events)),
         };
         let out = ApplyOutput { revision, reply };

@@ -226,19 +226,39 @@ fn ephemeral_nodes_die_with_their_lease_atomically() {
     );
     assert_eq!(lease, 3, "an automatic id is the grant's revision");
     s.apply(4, &cmd(create("/svc", "")));
-    let (out, _) = s.apply(5, &cmd(create_mode("/svc/a", CreateMode::Ephemeral { lease })));
+    let (out, _) = s.apply(
+        5,
+        &cmd(create_mode("/svc/a", CreateMode::Ephemeral { lease })),
+    );
     assert!(out.reply.is_ok());
-    s.apply(6, &cmd(create_mode("/svc/b", CreateMode::Ephemeral { lease })));
+    s.apply(
+        6,
+        &cmd(create_mode("/svc/b", CreateMode::Ephemeral { lease })),
+    );
     let stat = s.get("/svc/a").unwrap().stat;
-    assert_eq!((stat.kind, stat.ephemeral_owner), (NodeKind::Ephemeral, lease));
+    assert_eq!(
+        (stat.kind, stat.ephemeral_owner),
+        (NodeKind::Ephemeral, lease)
+    );
     // No children under an ephemeral node.
     let (out, _) = s.apply(7, &cmd(create("/svc/a/x", "")));
     assert!(matches!(out.reply, Err(ApplyError::EphemeralParent { .. })));
     // Unknown lease.
-    let (out, _) = s.apply(8, &cmd(create_mode("/svc/c", CreateMode::Ephemeral { lease: 999 })));
-    assert!(matches!(out.reply, Err(ApplyError::LeaseNotFound { id: 999 })));
+    let (out, _) = s.apply(
+        8,
+        &cmd(create_mode("/svc/c", CreateMode::Ephemeral { lease: 999 })),
+    );
+    assert!(matches!(
+        out.reply,
+        Err(ApplyError::LeaseNotFound { id: 999 })
+    ));
 
-    let (out, events) = s.apply(9, &raw(Op::LeaseExpire { ids: vec![lease, 12345] }));
+    let (out, events) = s.apply(
+        9,
+        &raw(Op::LeaseExpire {
+            ids: vec![lease, 12345],
+        }),
+    );
     assert_eq!(
         out.reply,
         Ok(Reply::Deleted {
@@ -246,7 +266,13 @@ fn ephemeral_nodes_die_with_their_lease_atomically() {
         })
     );
     assert!(events.iter().all(|e| e.stat.modify_revision <= 9));
-    assert_eq!(events.iter().filter(|e| e.kind == EventKind::Deleted).count(), 2);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::Deleted)
+            .count(),
+        2
+    );
     assert!(s.get("/svc/a").is_none() && s.lease(lease).is_none());
     assert_eq!(s.get("/svc").unwrap().children.len(), 0);
     // Expiring again changes nothing; revoking an unknown lease is an error.
@@ -287,7 +313,10 @@ fn failed_txn_leaves_lease_index_intact() {
 fn reap_deletes_only_what_is_still_due() {
     let mut s = State::new();
     s.apply(1, &cmd(create_mode("/locks", CreateMode::Container)));
-    s.apply(2, &cmd(create_mode("/t", CreateMode::Ttl { ttl_ms: 1_000 })));
+    s.apply(
+        2,
+        &cmd(create_mode("/t", CreateMode::Ttl { ttl_ms: 1_000 })),
+    );
     let candidates = |s: &State| -> Vec<ReapCandidate> {
         s.reapable()
             .map(|(p, st)| ReapCandidate {
@@ -297,8 +326,18 @@ fn reap_deletes_only_what_is_still_due() {
             .collect()
     };
     // A container that never had a child stays; an unmodified childless TTL node goes.
-    let (out, _) = s.apply(3, &raw(Op::Reap { nodes: candidates(&s) }));
-    assert_eq!(out.reply, Ok(Reply::Deleted { paths: vec!["/t".into()] }));
+    let (out, _) = s.apply(
+        3,
+        &raw(Op::Reap {
+            nodes: candidates(&s),
+        }),
+    );
+    assert_eq!(
+        out.reply,
+        Ok(Reply::Deleted {
+            paths: vec!["/t".into()]
+        })
+    );
     assert!(s.get("/locks").is_some());
     // After its last child goes, the container goes too.
     s.apply(4, &cmd(create("/locks/a", "")));
@@ -311,9 +350,17 @@ fn reap_deletes_only_what_is_still_due() {
         }),
     );
     let (out, _) = s.apply(6, &raw(Op::Reap { nodes: stale }));
-    assert_eq!(out.reply, Ok(Reply::Deleted { paths: vec!["/locks".into()] }));
+    assert_eq!(
+        out.reply,
+        Ok(Reply::Deleted {
+            paths: vec!["/locks".into()]
+        })
+    );
     // A TTL node modified after the leader looked is kept.
-    s.apply(7, &cmd(create_mode("/t2", CreateMode::Ttl { ttl_ms: 1_000 })));
+    s.apply(
+        7,
+        &cmd(create_mode("/t2", CreateMode::Ttl { ttl_ms: 1_000 })),
+    );
     let seen = candidates(&s);
     s.apply(
         8,
@@ -386,6 +433,9 @@ fn ephemeral_and_sequential_combine() {
         panic!("{out:?}")
     };
     assert_eq!(path, "/q/m-0000000000");
-    assert_eq!((stat.kind, stat.ephemeral_owner), (NodeKind::Ephemeral, lease));
+    assert_eq!(
+        (stat.kind, stat.ephemeral_owner),
+        (NodeKind::Ephemeral, lease)
+    );
     assert!(s.lease(lease).unwrap().nodes.contains(&path));
 }
