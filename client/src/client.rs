@@ -10,14 +10,15 @@ use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::kv_client::KvClient;
 use kord_api::v1::{
     ChildrenRequest, Consistency, CreateRequest, DeleteRequest, ExistsRequest, GetRequest,
-    SetRequest, Stat, StatusRequest, StatusResponse, TxnRequest, WriteId,
+    LeaseGrantRequest, LeaseRevokeRequest, SetRequest, Stat, StatusRequest, StatusResponse,
+    TxnRequest, WriteId,
 };
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::write_id::WriteTracker;
-use crate::{CreateOptions, Created, Error, Op, OpResult};
+use crate::{CreateMode, CreateOptions, Created, Error, Op, OpResult, Session};
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(15);
@@ -128,19 +129,19 @@ impl ClientBuilder {
 /// the write numbering, so one client can serve a whole process.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     consistency: Consistency,
 }
 
 #[derive(Debug)]
-struct EndpointConn {
-    addr: String,
-    channel: Channel,
+pub(crate) struct EndpointConn {
+    pub(crate) addr: String,
+    pub(crate) channel: Channel,
 }
 
 #[derive(Debug)]
-struct Inner {
-    endpoints: Vec<EndpointConn>,
+pub(crate) struct Inner {
+    pub(crate) endpoints: Vec<EndpointConn>,
     /// Index of the leader's endpoint, or `NO_LEADER`.
     leader: AtomicUsize,
     /// Endpoint for requests that need no leader, or when the leader is unknown; advanced past
@@ -149,7 +150,7 @@ struct Inner {
     /// Keeps failures from piling up concurrent discoveries.
     discovering: AtomicBool,
     writes: WriteTracker,
-    request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     connect_timeout: Duration,
     max_retries: Option<u32>,
     retry_budget: Duration,
@@ -157,7 +158,7 @@ struct Inner {
 
 /// What a call is, which decides where it goes and which failures may be retried.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Write,
     Read(Consistency),
     Status,
@@ -184,7 +185,7 @@ impl Kind {
 }
 
 /// The write requests, which all carry a `WriteId`.
-trait WriteRequest: Clone {
+pub(crate) trait WriteRequest: Clone {
     fn set_write_id(&mut self, id: WriteId);
 }
 
@@ -197,7 +198,14 @@ macro_rules! write_request {
         }
     )*};
 }
-write_request!(CreateRequest, SetRequest, DeleteRequest, TxnRequest);
+write_request!(
+    CreateRequest,
+    SetRequest,
+    DeleteRequest,
+    TxnRequest,
+    LeaseGrantRequest,
+    LeaseRevokeRequest
+);
 
 impl Client {
     /// Connects with default settings; see [`ClientBuilder`].
@@ -254,22 +262,111 @@ impl Client {
         self.create_with(path, data, CreateOptions::default()).await
     }
 
+    /// A persistent node, sequential or not.
     pub async fn create_with(
         &self,
         path: &str,
         data: impl Into<Vec<u8>>,
         options: CreateOptions,
     ) -> Result<Created, Error> {
+        self.create_with_mode(path, data, CreateMode::Persistent, options)
+            .await
+    }
+
+    /// A node of any kind. For an ephemeral node owned by a [`Session`], prefer
+    /// [`Client::create_ephemeral`], which refuses an expired session without a round trip.
+    pub async fn create_with_mode(
+        &self,
+        path: &str,
+        data: impl Into<Vec<u8>>,
+        mode: CreateMode,
+        options: CreateOptions,
+    ) -> Result<Created, Error> {
+        let (lease_id, container, ttl_ms) = mode.to_proto();
         let req = CreateRequest {
             write_id: None,
             path: path.to_owned(),
             data: data.into(),
             sequential: options.sequential,
+            lease_id,
+            container,
+            ttl_ms,
         };
         let resp = self
-            .write(req, |mut kv, r| async move { kv.create(r).await })
+            .write(
+                req,
+                |ch, r| async move { KvClient::new(ch).create(r).await },
+            )
             .await?;
         Ok(resp.into())
+    }
+
+    /// An ephemeral node owned by `session`: deleted when the session is closed or expires.
+    /// Fails with [`Error::SessionExpired`] without calling the server once the session is
+    /// expired, and marks the session expired if the server no longer knows it.
+    pub async fn create_ephemeral(
+        &self,
+        path: &str,
+        data: impl Into<Vec<u8>>,
+        session: &Session,
+    ) -> Result<Created, Error> {
+        self.create_in_session(path, data, session, CreateOptions::default())
+            .await
+    }
+
+    /// [`Client::create_ephemeral`] with a sequence number appended to the name.
+    pub async fn create_ephemeral_sequential(
+        &self,
+        path: &str,
+        data: impl Into<Vec<u8>>,
+        session: &Session,
+    ) -> Result<Created, Error> {
+        self.create_in_session(path, data, session, CreateOptions { sequential: true })
+            .await
+    }
+
+    /// A container node: deleted by the server once its last child is deleted.
+    pub async fn create_container(
+        &self,
+        path: &str,
+        data: impl Into<Vec<u8>>,
+    ) -> Result<Created, Error> {
+        self.create_with_mode(path, data, CreateMode::Container, CreateOptions::default())
+            .await
+    }
+
+    /// A TTL node: deleted once unmodified for `ttl` and childless.
+    pub async fn create_ttl(
+        &self,
+        path: &str,
+        data: impl Into<Vec<u8>>,
+        ttl: Duration,
+    ) -> Result<Created, Error> {
+        self.create_with_mode(path, data, CreateMode::Ttl(ttl), CreateOptions::default())
+            .await
+    }
+
+    async fn create_in_session(
+        &self,
+        path: &str,
+        data: impl Into<Vec<u8>>,
+        session: &Session,
+        options: CreateOptions,
+    ) -> Result<Created, Error> {
+        let id = session.id();
+        if session.is_expired() {
+            return Err(Error::session_expired(id));
+        }
+        let result = self
+            .create_with_mode(path, data, CreateMode::Ephemeral(id), options)
+            .await;
+        match result {
+            Err(Error::LeaseNotFound { id: gone, .. }) if gone == id => {
+                session.mark_expired();
+                Err(Error::session_expired(id))
+            }
+            other => other,
+        }
     }
 
     pub async fn get(&self, path: &str) -> Result<(Vec<u8>, Stat), Error> {
@@ -286,7 +383,9 @@ impl Client {
             consistency: consistency.into(),
         };
         let resp = self
-            .read(consistency, req, |mut kv, r| async move { kv.get(r).await })
+            .read(consistency, req, |ch, r| async move {
+                KvClient::new(ch).get(r).await
+            })
             .await?;
         Ok((resp.data, resp.stat.unwrap_or_default()))
     }
@@ -305,7 +404,7 @@ impl Client {
             expected_version,
         };
         let resp = self
-            .write(req, |mut kv, r| async move { kv.set(r).await })
+            .write(req, |ch, r| async move { KvClient::new(ch).set(r).await })
             .await?;
         Ok(resp.stat.unwrap_or_default())
     }
@@ -316,8 +415,11 @@ impl Client {
             path: path.to_owned(),
             expected_version,
         };
-        self.write(req, |mut kv, r| async move { kv.delete(r).await })
-            .await?;
+        self.write(
+            req,
+            |ch, r| async move { KvClient::new(ch).delete(r).await },
+        )
+        .await?;
         Ok(())
     }
 
@@ -336,11 +438,9 @@ impl Client {
             consistency: consistency.into(),
         };
         let resp = self
-            .read(
-                consistency,
-                req,
-                |mut kv, r| async move { kv.exists(r).await },
-            )
+            .read(consistency, req, |ch, r| async move {
+                KvClient::new(ch).exists(r).await
+            })
             .await?;
         Ok(resp.stat)
     }
@@ -361,11 +461,9 @@ impl Client {
             with_stats: false,
         };
         let resp = self
-            .read(
-                consistency,
-                req,
-                |mut kv, r| async move { kv.children(r).await },
-            )
+            .read(consistency, req, |ch, r| async move {
+                KvClient::new(ch).children(r).await
+            })
             .await?;
         Ok(resp.names)
     }
@@ -379,11 +477,9 @@ impl Client {
             with_stats: true,
         };
         let resp = self
-            .read(
-                consistency,
-                req,
-                |mut kv, r| async move { kv.children(r).await },
-            )
+            .read(consistency, req, |ch, r| async move {
+                KvClient::new(ch).children(r).await
+            })
             .await?;
         if resp.stats.len() != resp.names.len() {
             return Err(Error::protocol(format!(
@@ -402,7 +498,7 @@ impl Client {
             ops: ops.into_iter().map(Into::into).collect(),
         };
         let resp = self
-            .write(req, |mut kv, r| async move { kv.txn(r).await })
+            .write(req, |ch, r| async move { KvClient::new(ch).txn(r).await })
             .await?;
         resp.results.into_iter().map(OpResult::try_from).collect()
     }
@@ -434,22 +530,23 @@ impl Client {
         self.inner.attempt(endpoint, cluster.status(req)).await
     }
 
-    async fn write<Req, T, F, Fut>(&self, req: Req, mut send: F) -> Result<T, Error>
+    /// A write of any service: every attempt carries the same `WriteId`.
+    pub(crate) async fn write<Req, T, F, Fut>(&self, req: Req, mut send: F) -> Result<T, Error>
     where
         Req: WriteRequest,
-        F: FnMut(KvClient<Channel>, Request<Req>) -> Fut,
+        F: FnMut(Channel, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let pending = self.inner.writes.begin();
         self.call(Kind::Write, |ch| {
             let mut req = req.clone();
             req.set_write_id(pending.write_id());
-            send(KvClient::new(ch), self.inner.request(req))
+            send(ch, self.inner.request(req))
         })
         .await
     }
 
-    async fn read<Req, T, F, Fut>(
+    pub(crate) async fn read<Req, T, F, Fut>(
         &self,
         consistency: Consistency,
         req: Req,
@@ -457,18 +554,18 @@ impl Client {
     ) -> Result<T, Error>
     where
         Req: Clone,
-        F: FnMut(KvClient<Channel>, Request<Req>) -> Fut,
+        F: FnMut(Channel, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         self.call(Kind::Read(consistency), |ch| {
-            send(KvClient::new(ch), self.inner.request(req.clone()))
+            send(ch, self.inner.request(req.clone()))
         })
         .await
     }
 
     /// Runs `attempt` against a chosen endpoint until it succeeds, fails for good, or the retry
     /// budget runs out; each retry goes to another endpoint, after a growing pause.
-    async fn call<T, F, Fut>(&self, kind: Kind, mut attempt: F) -> Result<T, Error>
+    pub(crate) async fn call<T, F, Fut>(&self, kind: Kind, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -504,7 +601,7 @@ impl Client {
 }
 
 impl Inner {
-    fn request<T>(&self, message: T) -> Request<T> {
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
         let mut req = Request::new(message);
         req.set_timeout(self.request_timeout);
         req
@@ -512,7 +609,7 @@ impl Inner {
 
     /// One attempt, bounded locally too: `grpc-timeout` alone would not cover a server that
     /// never answers at the HTTP/2 level.
-    async fn attempt<T>(
+    pub(crate) async fn attempt<T>(
         &self,
         addr: &str,
         call: impl Future<Output = Result<Response<T>, Status>>,
@@ -532,7 +629,7 @@ impl Inner {
         }
     }
 
-    fn pick(&self, prefer_leader: bool) -> usize {
+    pub(crate) fn pick(&self, prefer_leader: bool) -> usize {
         let n = self.endpoints.len();
         if prefer_leader {
             let leader = self.leader.load(Ordering::Relaxed);
@@ -545,7 +642,7 @@ impl Inner {
 
     /// Stops preferring a failed endpoint and relearns the leader in the background. The
     /// compare-exchanges make concurrent failures of one endpoint advance past it only once.
-    fn note_failure(self: &Arc<Self>, idx: usize) {
+    pub(crate) fn note_failure(self: &Arc<Self>, idx: usize) {
         let n = self.endpoints.len();
         let _ = self
             .leader

@@ -43,6 +43,20 @@ pub enum Error {
         message: String,
         failed_op: Option<usize>,
     },
+    /// The lease (or session) does not exist: never granted, revoked, or expired. Also what a
+    /// create of an ephemeral node under such a lease fails with.
+    #[error("{message}")]
+    LeaseNotFound {
+        id: u64,
+        message: String,
+        failed_op: Option<usize>,
+    },
+    /// The session expired (the server no longer knows it, or no keep-alive succeeded within its
+    /// timeout) or was closed. Its ephemeral nodes are deleted (or about to be); a new session is
+    /// needed. Returned without calling the server by calls made through an expired
+    /// [`crate::Session`].
+    #[error("{message}")]
+    SessionExpired { id: u64, message: String },
     /// No member could serve the request (no leader, shutting down, unreachable) within the retry
     /// budget.
     #[error("{0}")]
@@ -71,7 +85,14 @@ impl Error {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<usize>().ok());
         match status.code() {
-            Code::NotFound => Error::NoNode { message, failed_op },
+            Code::NotFound => match lease_in_message(&message) {
+                Some(id) => Error::LeaseNotFound {
+                    id,
+                    message,
+                    failed_op,
+                },
+                None => Error::NoNode { message, failed_op },
+            },
             Code::AlreadyExists => Error::NodeExists { message, failed_op },
             Code::Aborted => Error::BadVersion { message, failed_op },
             Code::FailedPrecondition if is_not_empty_message(&message) => {
@@ -107,6 +128,33 @@ impl Error {
         }
     }
 
+    pub(crate) fn session_expired(id: u64) -> Error {
+        Error::SessionExpired {
+            id,
+            message: format!("session {id} expired"),
+        }
+    }
+
+    /// On a call about lease `id`, NOT_FOUND can only mean the lease is gone.
+    pub(crate) fn for_lease(self, id: u64) -> Error {
+        match self {
+            Error::NoNode { message, failed_op } => Error::LeaseNotFound {
+                id,
+                message,
+                failed_op,
+            },
+            err => err,
+        }
+    }
+
+    /// On a call about session `id`: the session is gone.
+    pub(crate) fn for_session(self, id: u64) -> Error {
+        match self.for_lease(id) {
+            Error::LeaseNotFound { id: found, .. } if found == id => Error::session_expired(id),
+            err => err,
+        }
+    }
+
     pub(crate) fn invalid(message: impl Into<String>) -> Error {
         Error::InvalidArgument {
             message: message.into(),
@@ -117,7 +165,9 @@ impl Error {
     /// The gRPC code this error corresponds to.
     pub fn code(&self) -> Code {
         match self {
-            Error::NoNode { .. } => Code::NotFound,
+            Error::NoNode { .. } | Error::LeaseNotFound { .. } | Error::SessionExpired { .. } => {
+                Code::NotFound
+            }
             Error::NodeExists { .. } => Code::AlreadyExists,
             Error::BadVersion { .. } => Code::Aborted,
             Error::NotEmpty { .. } => Code::FailedPrecondition,
@@ -136,6 +186,8 @@ impl Error {
             | Error::BadVersion { message, .. }
             | Error::NotEmpty { message, .. }
             | Error::InvalidArgument { message, .. }
+            | Error::LeaseNotFound { message, .. }
+            | Error::SessionExpired { message, .. }
             | Error::Other { message, .. } => message,
             Error::Unavailable(message) | Error::Timeout(message) => message,
         }
@@ -149,8 +201,9 @@ impl Error {
             | Error::BadVersion { failed_op, .. }
             | Error::NotEmpty { failed_op, .. }
             | Error::InvalidArgument { failed_op, .. }
+            | Error::LeaseNotFound { failed_op, .. }
             | Error::Other { failed_op, .. } => *failed_op,
-            Error::Unavailable(_) | Error::Timeout(_) => None,
+            Error::SessionExpired { .. } | Error::Unavailable(_) | Error::Timeout(_) => None,
         }
     }
 }
@@ -159,6 +212,21 @@ impl From<Status> for Error {
     fn from(status: Status) -> Self {
         Error::from_status(&status)
     }
+}
+
+/// The id in the server's "lease N not found: ..." (possibly behind a txn's "op I: " prefix).
+fn lease_in_message(message: &str) -> Option<u64> {
+    let lower = message.to_ascii_lowercase();
+    let mut rest = lower.as_str();
+    while let Some(at) = rest.find("lease ") {
+        let after = &rest[at + "lease ".len()..];
+        let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits > 0 && after[digits..].starts_with(" not found") {
+            return after[..digits].parse().ok();
+        }
+        rest = after;
+    }
+    None
 }
 
 fn is_not_empty_message(message: &str) -> bool {
@@ -253,6 +321,57 @@ mod tests {
         // An UNKNOWN sent by the server is not a transport failure.
         let err = Error::from(Status::unknown("weird"));
         assert_eq!(err.code(), Code::Unknown);
+    }
+
+    #[test]
+    fn lease_not_found_is_told_apart_from_a_missing_node() {
+        let err = Error::from(Status::not_found(
+            "lease 42 not found: never granted, revoked, or expired",
+        ));
+        assert!(
+            matches!(err, Error::LeaseNotFound { id: 42, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(err.to_string().contains("lease 42 not found"));
+
+        let mut status = Status::not_found("op 1: lease 7 not found: never granted");
+        status
+            .metadata_mut()
+            .insert(FAILED_OP_METADATA, MetadataValue::from_static("1"));
+        let err = Error::from(status);
+        assert!(matches!(
+            err,
+            Error::LeaseNotFound {
+                id: 7,
+                failed_op: Some(1),
+                ..
+            }
+        ));
+
+        for msg in [
+            "node /lease 5 does not exist",
+            "node /a does not exist",
+            "lease x not found",
+        ] {
+            let err = Error::from(Status::not_found(msg));
+            assert!(matches!(err, Error::NoNode { .. }), "{msg}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn lease_and_session_calls_rename_not_found() {
+        let err = Error::from(Status::not_found("gone")).for_lease(3);
+        assert!(matches!(err, Error::LeaseNotFound { id: 3, .. }));
+        let err = Error::from(Status::not_found("lease 3 not found")).for_session(3);
+        assert_eq!(err, Error::session_expired(3));
+        assert_eq!(err.to_string(), "session 3 expired");
+        assert_eq!(err.code(), Code::NotFound);
+        // Another lease's absence is not this session's expiry.
+        let err = Error::from(Status::not_found("lease 4 not found")).for_session(3);
+        assert!(matches!(err, Error::LeaseNotFound { id: 4, .. }));
+        let err = Error::from(Status::unavailable("no leader")).for_session(3);
+        assert!(matches!(err, Error::Unavailable(_)));
     }
 
     #[test]

@@ -12,6 +12,24 @@
 //! # }
 //! ```
 //!
+//! Ephemeral nodes live as long as a [`Session`] (a lease the client keeps alive in the
+//! background):
+//!
+//! ```no_run
+//! # async fn demo(client: kord_client::Client) -> Result<(), kord_client::Error> {
+//! use std::time::Duration;
+//! let session = client.session(Duration::from_secs(10)).await?;
+//! client.create_ephemeral("/workers/me", "", &session).await?;
+//! let mut state = session.watch_state();
+//! while state.changed().await.is_ok() {
+//!     if state.borrow().is_expired() {
+//!         break; // the node is gone; open a new session to re-register
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Writes are exactly-once across retries: each carries a `WriteId` that stays the same on
 //! every retry, so a write that reached the server before a connection dropped is not applied
 //! twice.
@@ -19,10 +37,15 @@
 pub mod cli;
 mod client;
 mod error;
+mod keepalive;
+mod lease;
 mod ops;
+mod session;
 mod write_id;
 
 pub use client::{Client, ClientBuilder};
 pub use error::{Error, FAILED_OP_METADATA};
-pub use kord_api::v1::{Consistency, Member, MemberRole, Stat, StatusResponse};
-pub use ops::{CreateOptions, Created, Op, OpResult};
+pub use kord_api::v1::{Consistency, Member, MemberRole, NodeKind, Stat, StatusResponse};
+pub use lease::{KeepAlive, KeepAliveStatus, LeaseGrant, LeaseInfo, LeaseTtl};
+pub use ops::{CreateMode, CreateOptions, Created, Op, OpResult};
+pub use session::{Session, SessionState};

@@ -1,15 +1,51 @@
 //! Typed request options and results, and the txn `Op`/`OpResult` types with their proto
 //! conversions, so callers never build raw protos.
 
+use std::time::Duration;
+
 use kord_api::v1::{self as pb, txn_op, txn_op_result, Stat};
 
 use crate::Error;
 
-/// Options for [`crate::Client::create_with`].
+/// Options for [`crate::Client::create_with`] and [`crate::Client::create_with_mode`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CreateOptions {
     /// Append a 10-digit, zero-padded counter to the name; the result's `path` has it.
     pub sequential: bool,
+}
+
+/// How long a created node lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum CreateMode {
+    /// Until deleted.
+    #[default]
+    Persistent,
+    /// Until the lease (or session) with this id is revoked or expires; cannot have children.
+    /// Prefer [`crate::Client::create_ephemeral`], which refuses an expired session locally.
+    Ephemeral(u64),
+    /// Deleted by the server once its last child is deleted (only after it has had one).
+    /// Not sequential.
+    Container,
+    /// Persistent, but deleted once unmodified for this long and childless. Sent in whole
+    /// milliseconds (at least 1); the server refuses TTLs outside its bounds.
+    Ttl(Duration),
+}
+
+impl CreateMode {
+    /// The proto's `(lease_id, container, ttl_ms)` for this mode.
+    pub(crate) fn to_proto(self) -> (u64, bool, u64) {
+        match self {
+            CreateMode::Persistent => (0, false, 0),
+            CreateMode::Ephemeral(lease) => (lease, false, 0),
+            CreateMode::Container => (0, true, 0),
+            CreateMode::Ttl(ttl) => (0, false, duration_ms(ttl).max(1)),
+        }
+    }
+}
+
+/// Whole milliseconds, saturating.
+pub(crate) fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A created node. `path` differs from the requested one for sequential nodes.
@@ -35,6 +71,7 @@ pub enum Op {
         path: String,
         data: Vec<u8>,
         sequential: bool,
+        mode: CreateMode,
     },
     Set {
         path: String,
@@ -54,18 +91,33 @@ pub enum Op {
 
 impl Op {
     pub fn create(path: impl Into<String>, data: impl Into<Vec<u8>>) -> Op {
-        Op::Create {
-            path: path.into(),
-            data: data.into(),
-            sequential: false,
-        }
+        Op::create_with_mode(path, data, CreateMode::Persistent, false)
     }
 
     pub fn create_sequential(path: impl Into<String>, data: impl Into<Vec<u8>>) -> Op {
+        Op::create_with_mode(path, data, CreateMode::Persistent, true)
+    }
+
+    /// An ephemeral node owned by a lease or session (e.g. [`crate::Session::id`]).
+    pub fn create_ephemeral(
+        path: impl Into<String>,
+        data: impl Into<Vec<u8>>,
+        lease_id: u64,
+    ) -> Op {
+        Op::create_with_mode(path, data, CreateMode::Ephemeral(lease_id), false)
+    }
+
+    pub fn create_with_mode(
+        path: impl Into<String>,
+        data: impl Into<Vec<u8>>,
+        mode: CreateMode,
+        sequential: bool,
+    ) -> Op {
         Op::Create {
             path: path.into(),
             data: data.into(),
-            sequential: true,
+            sequential,
+            mode,
         }
     }
 
@@ -113,11 +165,18 @@ impl From<Op> for pb::TxnOp {
                 path,
                 data,
                 sequential,
-            } => txn_op::Op::Create(pb::CreateOp {
-                path,
-                data,
-                sequential,
-            }),
+                mode,
+            } => {
+                let (lease_id, container, ttl_ms) = mode.to_proto();
+                txn_op::Op::Create(pb::CreateOp {
+                    path,
+                    data,
+                    sequential,
+                    lease_id,
+                    container,
+                    ttl_ms,
+                })
+            }
             Op::Set {
                 path,
                 data,
@@ -193,6 +252,31 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn create_modes_map_to_proto_fields() {
+        assert_eq!(CreateMode::Persistent.to_proto(), (0, false, 0));
+        assert_eq!(CreateMode::Ephemeral(7).to_proto(), (7, false, 0));
+        assert_eq!(CreateMode::Container.to_proto(), (0, true, 0));
+        assert_eq!(
+            CreateMode::Ttl(Duration::from_millis(1500)).to_proto(),
+            (0, false, 1500)
+        );
+        // A zero TTL must not silently become a persistent node.
+        assert_eq!(CreateMode::Ttl(Duration::ZERO).to_proto(), (0, false, 1));
+        let op: pb::TxnOp = Op::create_ephemeral("/e", "x", 9).into();
+        assert_eq!(
+            op.op,
+            Some(txn_op::Op::Create(pb::CreateOp {
+                path: "/e".into(),
+                data: b"x".to_vec(),
+                sequential: false,
+                lease_id: 9,
+                container: false,
+                ttl_ms: 0,
+            }))
+        );
     }
 
     #[test]

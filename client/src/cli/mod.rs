@@ -12,7 +12,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
-use crate::{Client, ClientBuilder, Consistency, CreateOptions, Error};
+use crate::{Client, ClientBuilder, Consistency, CreateMode, CreateOptions, Error};
+
+/// Session timeout of `create --ephemeral` when none is given.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Command line for Kord, a ZooKeeper-like coordination service.
 #[derive(Debug, Parser)]
@@ -68,10 +71,29 @@ impl From<ReadConsistency> for Consistency {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a node; prints the created path.
+    ///
+    /// With --ephemeral, opens a session, creates the node in it, prints the path and then
+    /// keeps the session alive until SIGINT/SIGTERM, on which it closes the session (deleting
+    /// the node) and exits 0. If the session expires first, it exits 1.
     Create {
         /// Append a 10-digit sequence number to the name.
         #[arg(short, long)]
         sequential: bool,
+        /// An ephemeral node, owned by a session this command opens and holds until killed.
+        #[arg(short, long, conflicts_with_all = ["container", "ttl", "lease"])]
+        ephemeral: bool,
+        /// Requested session timeout for --ephemeral (the server clamps it) [default: 10s].
+        #[arg(long, value_name = "DURATION", requires = "ephemeral", value_parser = humantime::parse_duration)]
+        session_timeout: Option<Duration>,
+        /// An ephemeral node owned by an existing lease (see `lease grant`); returns at once.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["container", "ttl"])]
+        lease: Option<u64>,
+        /// A container node: deleted by the server once its last child is deleted.
+        #[arg(long, conflicts_with_all = ["ttl", "sequential"])]
+        container: bool,
+        /// A TTL node: deleted once unmodified for DURATION and childless.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
         path: String,
         #[command(flatten)]
         data: DataArg,
@@ -112,6 +134,34 @@ pub enum Command {
     },
     /// Show the cluster as the first reachable endpoint sees it.
     Status,
+    /// Grant, refresh, inspect and revoke leases.
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Grant a lease with a TTL (e.g. 10s); prints its id.
+    Grant {
+        #[arg(value_name = "TTL", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Choose the lease id instead of letting the server pick one.
+        #[arg(long, value_name = "ID")]
+        id: Option<u64>,
+    },
+    /// Keep a lease alive until killed, printing its TTL after each refresh; exits 1 once the
+    /// lease is lost (revoked or expired).
+    #[command(alias = "keep-alive")]
+    Keepalive { id: u64 },
+    /// Revoke a lease; prints the ephemeral nodes deleted with it.
+    Revoke { id: u64 },
+    /// Show a lease's granted and remaining TTL, whether it is a session, and its nodes.
+    #[command(alias = "timetolive")]
+    Ttl { id: u64 },
+    /// List all leases and sessions.
+    List,
 }
 
 /// Node data: a UTF-8 argument or a file's bytes.
@@ -145,6 +195,12 @@ impl DataArg {
 pub enum CliError {
     #[error(transparent)]
     Kord(#[from] Error),
+    /// The session held by `create --ephemeral` expired.
+    #[error("session expired")]
+    SessionExpired,
+    /// The lease kept alive by `lease keepalive` is gone.
+    #[error("lease {0} lost: revoked or expired")]
+    LeaseLost(u64),
     /// Bad input that clap could not catch (txn op syntax, unreadable data file).
     #[error("{0}")]
     Usage(String),
@@ -153,7 +209,9 @@ pub enum CliError {
 impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            CliError::Kord(_) => ExitCode::from(1),
+            CliError::Kord(_) | CliError::SessionExpired | CliError::LeaseLost(_) => {
+                ExitCode::from(1)
+            }
             CliError::Usage(_) => ExitCode::from(2),
         }
     }
@@ -163,8 +221,7 @@ impl CliError {
 pub async fn main(cli: Cli) -> ExitCode {
     match run(cli).await {
         Ok(out) => {
-            // A closed pipe (`kordctl ls / | head`) is not worth a panic or an error.
-            let _ = io::stdout().lock().write_all(out.as_bytes());
+            emit(&out);
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -174,7 +231,19 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
 }
 
-/// Runs one command and returns what it prints.
+/// Writes to stdout at once, so a reader on a pipe sees it while the command keeps running. A
+/// closed pipe (`kordctl ls / | head`) is not worth a panic or an error.
+fn emit(text: &str) {
+    if text.is_empty() {
+        return;
+    }
+    let mut stdout = io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
+/// Runs one command and returns what it prints. Commands that run until killed
+/// (`create --ephemeral`, `lease keepalive`) print as they go and return nothing.
 pub async fn run(cli: Cli) -> Result<String, CliError> {
     let client = ClientBuilder::new(cli.endpoints.iter().flat_map(|e| e.split(',')))
         .request_timeout(cli.timeout)
@@ -185,11 +254,34 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
     let out = match cli.command {
         Command::Create {
             sequential,
+            ephemeral: true,
+            session_timeout,
             path,
             data,
+            ..
         } => {
+            let timeout = session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
+            let data = data.read(false)?;
+            create_in_session(&client, &path, data, sequential, timeout, json).await?
+        }
+        Command::Create {
+            sequential,
+            lease,
+            container,
+            ttl,
+            path,
+            data,
+            ..
+        } => {
+            let mode = match (lease, container, ttl) {
+                (Some(lease), _, _) => CreateMode::Ephemeral(lease),
+                (_, true, _) => CreateMode::Container,
+                (_, _, Some(ttl)) => CreateMode::Ttl(ttl),
+                _ => CreateMode::Persistent,
+            };
+            let options = CreateOptions { sequential };
             let created = client
-                .create_with(&path, data.read(false)?, CreateOptions { sequential })
+                .create_with_mode(&path, data.read(false)?, mode, options)
                 .await?;
             if json {
                 render(output::created_json(&created))
@@ -247,8 +339,165 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
                 output::status_text(&status)
             }
         }
+        Command::Lease { command } => lease(&client, command, json).await?,
     };
     Ok(out)
+}
+
+/// `create --ephemeral`: the node lives as long as this process holds its session.
+async fn create_in_session(
+    client: &Client,
+    path: &str,
+    data: Vec<u8>,
+    sequential: bool,
+    timeout: Duration,
+    json: bool,
+) -> Result<String, CliError> {
+    // Installed first: a signal that arrives once the path is printed must close the session,
+    // not kill the process with it still open.
+    let mut signals = Signals::install()?;
+    let session = client.session(timeout).await?;
+    let created = if sequential {
+        client
+            .create_ephemeral_sequential(path, data, &session)
+            .await
+    } else {
+        client.create_ephemeral(path, data, &session).await
+    };
+    let created = match created {
+        Ok(created) => created,
+        Err(err) => {
+            let _ = session.close().await;
+            return Err(err.into());
+        }
+    };
+    if json {
+        let mut value = output::created_json(&created);
+        value["session"] = json!({
+            "id": session.id(),
+            "timeout_ms": duration_ms(session.timeout()),
+        });
+        emit(&format!("{value}\n"));
+    } else {
+        emit(&format!("{}\n", created.path));
+    }
+    tokio::select! {
+        () = signals.recv() => match session.close().await {
+            Ok(_) => Ok(String::new()),
+            Err(Error::SessionExpired { .. }) => Err(CliError::SessionExpired),
+            Err(err) => Err(err.into()),
+        },
+        () = session.expired() => Err(CliError::SessionExpired),
+    }
+}
+
+async fn lease(client: &Client, command: LeaseCommand, json: bool) -> Result<String, CliError> {
+    Ok(match command {
+        LeaseCommand::Grant { ttl, id } => {
+            let grant = match id {
+                Some(id) => client.lease_grant_with_id(id, ttl).await?,
+                None => client.lease_grant(ttl).await?,
+            };
+            if json {
+                render(json!({ "id": grant.id, "ttl_ms": duration_ms(grant.ttl) }))
+            } else {
+                format!("{}\n", grant.id)
+            }
+        }
+        LeaseCommand::Keepalive { id } => keep_alive(client, id, json).await?,
+        LeaseCommand::Revoke { id } => {
+            let deleted = client.lease_revoke(id).await?;
+            if json {
+                render(json!({ "id": id, "deleted": deleted }))
+            } else {
+                deleted.iter().map(|p| format!("{p}\n")).collect()
+            }
+        }
+        LeaseCommand::Ttl { id } => {
+            let ttl = client.lease_time_to_live(id).await?;
+            if json {
+                render(output::lease_ttl_json(&ttl))
+            } else {
+                output::lease_ttl_text(&ttl)
+            }
+        }
+        LeaseCommand::List => {
+            let leases = client.lease_list().await?;
+            if json {
+                render(output::lease_list_json(&leases))
+            } else {
+                output::lease_list_text(&leases)
+            }
+        }
+    })
+}
+
+/// `lease keepalive`: one line per refresh (a JSON object per line with `-o json`) until
+/// killed (exit 0) or the lease is lost (exit 1).
+async fn keep_alive(client: &Client, id: u64, json: bool) -> Result<String, CliError> {
+    let mut signals = Signals::install()?;
+    let keep_alive = client.lease_keep_alive(id).await?;
+    let mut updates = keep_alive.watch();
+    loop {
+        let status = *updates.borrow_and_update();
+        if status.lost {
+            return Err(CliError::LeaseLost(id));
+        }
+        let ttl_ms = duration_ms(status.ttl);
+        if json {
+            emit(&format!("{}\n", json!({ "id": id, "ttl_ms": ttl_ms })));
+        } else {
+            emit(&format!("lease {id} ttl_ms {ttl_ms}\n"));
+        }
+        tokio::select! {
+            () = signals.recv() => return Ok(String::new()),
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return Err(CliError::LeaseLost(id));
+                }
+            }
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, listened for from creation on.
+struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, CliError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind: SignalKind| {
+                signal(kind).map_err(|e| CliError::Usage(format!("cannot listen for signals: {e}")))
+            };
+            Ok(Signals {
+                int: listen(SignalKind::interrupt())?,
+                term: listen(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 async fn ls(client: &Client, path: &str, with_stats: bool, json: bool) -> Result<String, Error> {
@@ -340,6 +589,80 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn parses_create_modes() {
+        let cli = Cli::try_parse_from([
+            "kordctl",
+            "create",
+            "--ephemeral",
+            "--session-timeout",
+            "3s",
+            "/e",
+            "x",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Create {
+                ephemeral: true,
+                session_timeout: Some(t),
+                ..
+            } if t == Duration::from_secs(3)
+        ));
+        let cli = Cli::try_parse_from(["kordctl", "create", "--ttl", "1m", "/t"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Create { ttl: Some(t), .. } if t == Duration::from_secs(60)
+        ));
+        let cli = Cli::try_parse_from(["kordctl", "create", "--container", "/c"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Create {
+                container: true,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["kordctl", "create", "--lease", "5", "/l"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Create { lease: Some(5), .. }
+        ));
+        for bad in [
+            &["kordctl", "create", "--ephemeral", "--container", "/x"][..],
+            &["kordctl", "create", "--ephemeral", "--ttl", "1s", "/x"],
+            &["kordctl", "create", "--container", "--ttl", "1s", "/x"],
+            &["kordctl", "create", "--session-timeout", "1s", "/x"],
+            &["kordctl", "create", "--ttl", "soon", "/x"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_lease_commands() {
+        let cli = Cli::try_parse_from(["kordctl", "lease", "grant", "10s", "--id", "9"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Lease {
+                command: LeaseCommand::Grant { ttl, id: Some(9) }
+            } if ttl == Duration::from_secs(10)
+        ));
+        for (args, want) in [
+            (&["lease", "keepalive", "3"][..], "Keepalive"),
+            (&["lease", "keep-alive", "3"], "Keepalive"),
+            (&["lease", "revoke", "3"], "Revoke"),
+            (&["lease", "ttl", "3"], "Ttl"),
+            (&["lease", "list"], "List"),
+        ] {
+            let cli = Cli::try_parse_from(["kordctl"].iter().chain(args)).unwrap();
+            let Command::Lease { command } = cli.command else {
+                panic!("{args:?}");
+            };
+            assert!(format!("{command:?}").starts_with(want), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["kordctl", "lease", "revoke", "x"]).is_err());
     }
 
     #[test]

@@ -3,7 +3,16 @@
 
 use serde_json::{json, Value};
 
-use crate::{Created, MemberRole, Op, OpResult, Stat, StatusResponse};
+use crate::{
+    Created, LeaseInfo, LeaseTtl, MemberRole, NodeKind, Op, OpResult, Stat, StatusResponse,
+};
+
+/// `persistent`, `ephemeral`, `container` or `ttl`.
+pub fn kind_name(kind: i32) -> String {
+    NodeKind::try_from(kind)
+        .map(|k| k.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("kind-{kind}"))
+}
 
 pub fn stat_json(stat: &Stat) -> Value {
     json!({
@@ -17,6 +26,8 @@ pub fn stat_json(stat: &Stat) -> Value {
         "ephemeral_owner": stat.ephemeral_owner,
         "data_length": stat.data_length,
         "num_children": stat.num_children,
+        "kind": kind_name(stat.kind),
+        "ttl_ms": stat.ttl_ms,
     })
 }
 
@@ -36,24 +47,35 @@ pub fn stat_text(stat: &Stat) -> String {
         "ephemeral_owner",
         "data_length",
         "num_children",
+        "kind",
+        "ttl_ms",
     ];
     order
         .iter()
-        .filter_map(|k| fields.get(*k).map(|v| format!("{k} = {v}\n")))
+        .filter_map(|k| fields.get(*k).map(|v| format!("{k} = {}\n", plain(v))))
         .collect()
+}
+
+/// A JSON value as text: strings without their quotes.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
 }
 
 pub fn created_json(created: &Created) -> Value {
     json!({ "path": created.path, "stat": stat_json(&created.stat) })
 }
 
-/// Children as a table: name, version, data length, child count, last modify revision.
+/// Children as a table: name, kind, version, data length, child count, last modify revision.
 pub fn children_text(children: &[(String, Stat)]) -> String {
-    let rows: Vec<[String; 5]> = children
+    let rows: Vec<[String; 6]> = children
         .iter()
         .map(|(name, s)| {
             [
                 name.clone(),
+                kind_name(s.kind),
                 s.version.to_string(),
                 s.data_length.to_string(),
                 s.num_children.to_string(),
@@ -64,6 +86,7 @@ pub fn children_text(children: &[(String, Stat)]) -> String {
     table(
         [
             "NAME",
+            "KIND",
             "VERSION",
             "DATA_LENGTH",
             "NUM_CHILDREN",
@@ -113,6 +136,63 @@ pub fn txn_json(ops: &[Op], results: &[OpResult]) -> Value {
         })
         .collect();
     json!({ "results": results })
+}
+
+pub fn lease_ttl_json(t: &LeaseTtl) -> Value {
+    json!({
+        "id": t.id,
+        "granted_ttl_ms": duration_ms(t.granted),
+        "remaining_ms": duration_ms(t.remaining),
+        "session": t.session,
+        "nodes": t.nodes,
+    })
+}
+
+/// `name = value` lines; the nodes as a JSON array, so any path reads back unambiguously.
+pub fn lease_ttl_text(t: &LeaseTtl) -> String {
+    format!(
+        "id = {}\ngranted_ttl_ms = {}\nremaining_ms = {}\nsession = {}\nnodes = {}\n",
+        t.id,
+        duration_ms(t.granted),
+        duration_ms(t.remaining),
+        t.session,
+        json!(t.nodes),
+    )
+}
+
+pub fn lease_list_json(leases: &[LeaseInfo]) -> Value {
+    let leases: Vec<Value> = leases
+        .iter()
+        .map(|l| {
+            json!({
+                "id": l.id,
+                "granted_ttl_ms": duration_ms(l.granted_ttl),
+                "session": l.session,
+                "node_count": l.node_count,
+            })
+        })
+        .collect();
+    json!({ "leases": leases })
+}
+
+/// Leases as a table: id, granted TTL, whether a session, attached node count.
+pub fn lease_list_text(leases: &[LeaseInfo]) -> String {
+    let rows: Vec<[String; 4]> = leases
+        .iter()
+        .map(|l| {
+            [
+                l.id.to_string(),
+                duration_ms(l.granted_ttl).to_string(),
+                l.session.to_string(),
+                l.node_count.to_string(),
+            ]
+        })
+        .collect();
+    table(["ID", "TTL_MS", "SESSION", "NODES"], &rows)
+}
+
+fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn role_name(role: i32) -> String {
@@ -221,4 +301,66 @@ fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
         out.push_str(&line(row.each_ref().map(String::as_str)));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn stat_shows_kind_and_ttl() {
+        let stat = Stat {
+            kind: NodeKind::Ttl as i32,
+            ttl_ms: 5000,
+            ..Default::default()
+        };
+        let text = stat_text(&stat);
+        assert!(text.contains("kind = ttl\n"), "{text}");
+        assert!(text.contains("ttl_ms = 5000\n"), "{text}");
+        assert_eq!(stat_json(&stat)["kind"], "ttl");
+        assert_eq!(kind_name(NodeKind::Ephemeral as i32), "ephemeral");
+        assert_eq!(kind_name(99), "kind-99");
+    }
+
+    #[test]
+    fn ls_table_has_a_kind_column() {
+        let stat = Stat {
+            kind: NodeKind::Container as i32,
+            ..Default::default()
+        };
+        let text = children_text(&[("c".into(), stat)]);
+        let mut lines = text.lines();
+        assert!(lines.next().unwrap().starts_with("NAME  KIND"), "{text}");
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(row[..2], ["c", "container"]);
+    }
+
+    #[test]
+    fn lease_renderings() {
+        let ttl = LeaseTtl {
+            id: 7,
+            granted: Duration::from_secs(10),
+            remaining: Duration::from_millis(9500),
+            session: true,
+            nodes: vec!["/a".into(), "/b c".into()],
+        };
+        assert_eq!(
+            lease_ttl_text(&ttl),
+            "id = 7\ngranted_ttl_ms = 10000\nremaining_ms = 9500\nsession = true\n\
+             nodes = [\"/a\",\"/b c\"]\n"
+        );
+        assert_eq!(lease_ttl_json(&ttl)["remaining_ms"], 9500);
+        let list = [LeaseInfo {
+            id: 7,
+            granted_ttl: Duration::from_secs(10),
+            session: false,
+            node_count: 2,
+        }];
+        assert_eq!(
+            lease_list_text(&list),
+            "ID  TTL_MS  SESSION  NODES\n7   10000   false    2\n"
+        );
+        assert_eq!(lease_list_json(&list)["leases"][0]["node_count"], 2);
+    }
 }
