@@ -156,6 +156,30 @@ async fn killed_client_loses_its_ephemeral_node_after_the_timeout_not_before() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_survives_its_client_moving_to_another_member() {
+    // Elections must end well within the session timeout for any session to survive the loss
+    // of its leader (ZooKeeper has the same rule): quick elections here, a 3 s session.
+    let mut args: Vec<&str> = FAST.to_vec();
+    args.extend(["--heartbeat-interval", "50ms", "--election-timeout", "400ms"]);
+    let mut c = Cluster::start(3, ClusterOpts::new().args(args)).await;
+    let holder = EphemeralHolder::start(&c, "/moving", "3s").await;
+    // Whichever member the client pings through, one of these kills takes it away, and the
+    // leader changes at least once: the session must survive both.
+    for id in c.ids() {
+        c.kill(id);
+        let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert!(
+            exists_on(&c, leader, "/moving").await,
+            "session lost after member {id} was killed"
+        );
+        c.restart(id).await;
+        c.wait_converged(Duration::from_secs(20)).await;
+    }
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_client_keeps_its_session_within_the_timeout_and_loses_it_after() {
     let c = Cluster::start(1, ClusterOpts::new().args(FAST)).await;
     let mut holder = EphemeralHolder::start(&c, "/paused", "3s").await;

@@ -121,6 +121,7 @@ pub async fn run(
             stopped(stop_rx.clone()),
         );
     let peer = PeerService {
+        id: config.id,
         raft: raft.clone(),
         proposer,
         liveness: liveness.clone(),
@@ -155,7 +156,12 @@ pub async fn run(
         "kord is serving"
     );
 
-    shutdown.await;
+    // A Raft core that stopped on its own (a storage error or a bug) cannot serve: exit so a
+    // supervisor restarts the member from its durable state, instead of answering errors.
+    let fatal = tokio::select! {
+        _ = shutdown => None,
+        reason = raft_stopped(&raft) => Some(reason),
+    };
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     if let Err(e) = raft.shutdown().await {
@@ -168,7 +174,24 @@ pub async fn run(
     }
     let _ = http_task.await;
     let _ = liveness_task.await;
-    Ok(())
+    match fatal {
+        None => Ok(()),
+        Some(reason) => Err(anyhow::anyhow!("raft stopped: {reason}")),
+    }
+}
+
+/// Resolves when the Raft core reports a fatal error.
+async fn raft_stopped(raft: &Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(e) = &metrics.borrow().running_state {
+            tracing::error!(error = %e, "raft stopped");
+            return e.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "raft metrics closed".into();
+        }
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -21,6 +21,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::{KordNode, NodeId, TypeConfig};
 
+/// Request metadata naming the member a Raft RPC is meant for.
+pub const TARGET_ID_HEADER: &str = "kord-target-id";
+
 /// Largest peer message: a snapshot chunk or a batch of log entries.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -114,6 +117,11 @@ impl PeerConnection {
         })?;
         let mut request = tonic::Request::new(payload);
         request.set_timeout(timeout);
+        // The receiver refuses a request meant for another member (a misconfigured address),
+        // which openraft would otherwise take for its own and trip over.
+        request
+            .metadata_mut()
+            .insert(TARGET_ID_HEADER, self.target.into());
         let response = match rpc {
             "append_entries" => client.append_entries(request).await,
             "vote" => client.vote(request).await,

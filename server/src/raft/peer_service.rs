@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use super::network::TARGET_ID_HEADER;
 use super::{NodeId, Raft, TypeConfig};
 use crate::liveness::{LeaseQuery, Liveness};
 use crate::proposal::{ForwardReply, Proposer};
@@ -15,9 +16,35 @@ use crate::state::Command;
 use crate::storage::codec;
 
 pub struct PeerService {
+    pub id: NodeId,
     pub raft: Raft,
     pub proposer: Proposer,
     pub liveness: Liveness,
+}
+
+impl PeerService {
+    /// Refuses Raft traffic addressed to another member id.
+    fn check_target(&self, req: &Request<Payload>) -> Result<(), Status> {
+        let target = req
+            .metadata()
+            .get(TARGET_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<NodeId>().ok());
+        match target {
+            Some(t) if t != self.id => {
+                tracing::error!(
+                    member = self.id,
+                    addressed_to = t,
+                    "refusing raft traffic meant for another member"
+                );
+                Err(Status::failed_precondition(format!(
+                    "this is member {}, not member {t}: check --initial-cluster and the advertised peer addresses",
+                    self.id
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn decode<T: DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -34,16 +61,19 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<Payload>, Status> {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.check_target(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.check_target(&req)?;
         let rpc: VoteRequest<NodeId> = decode(req)?;
         reply(&self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.check_target(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
