@@ -122,6 +122,18 @@ pub struct Args {
     #[arg(long, env = "KORD_REAP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reap_interval: Duration,
 
+    /// Idle watches get a progress notification this often.
+    #[arg(long, env = "KORD_WATCH_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub watch_progress_interval: Duration,
+
+    /// Messages a watch stream may hold unread before its watches are canceled as too slow.
+    #[arg(long, env = "KORD_WATCH_BUFFER", default_value_t = 1024)]
+    pub watch_buffer: usize,
+
+    /// Revisions of event history kept for watches; the leader compacts older ones (0: never).
+    #[arg(long, env = "KORD_EVENT_RETENTION", default_value_t = 100_000)]
+    pub event_retention: u64,
+
     /// Log format: "text" or "json". Filter with RUST_LOG (default "info").
     #[arg(long, env = "KORD_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -156,6 +168,9 @@ pub struct Config {
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
     pub reap_interval: Duration,
+    pub watch_progress_interval: Duration,
+    pub watch_buffer: usize,
+    pub event_retention: u64,
     pub limits: Limits,
 }
 
@@ -198,6 +213,7 @@ impl Args {
             ("max-value-size", self.max_value_size as u64, 1),
             ("max-txn-ops", self.max_txn_ops as u64, 1),
             ("max-request-size", self.max_request_size as u64, 1024),
+            ("watch-buffer", self.watch_buffer as u64, 1),
         ] {
             if value < min {
                 return Err(ConfigError::TooSmall { flag, min });
@@ -260,6 +276,9 @@ impl Args {
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
             reap_interval: self.reap_interval,
+            watch_progress_interval: self.watch_progress_interval,
+            watch_buffer: self.watch_buffer,
+            event_retention: self.event_retention,
             limits: Limits {
                 max_value_bytes: self.max_value_size,
                 max_txn_ops: self.max_txn_ops,

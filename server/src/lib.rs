@@ -8,6 +8,7 @@
 //! - [`storage`]: RocksDB: the durable Raft log and the state machine that applies committed
 //!   entries in batches and persists each batch with its index.
 //! - [`state`]: the pure, deterministic znode tree that apply mutates.
+//! - [`watch`]: fans applied events out to watchers, live or from the stored history.
 //! - [`liveness`]: the leader's lease countdowns and the reaper of container and TTL nodes;
 //!   it decides when, and proposes entries that apply carries out.
 //! - [`http`] and [`metrics`]: health, readiness and Prometheus metrics.
@@ -24,3 +25,4 @@ pub mod raft;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod watch;

@@ -57,6 +57,8 @@ pub struct Liveness {
     state: SharedState,
     proposer: Proposer,
     reap_interval: Duration,
+    /// Revisions of event history to keep (0: keep all).
+    event_retention: u64,
     countdowns: Arc<Mutex<Countdowns>>,
 }
 
@@ -67,6 +69,7 @@ impl Liveness {
         state: SharedState,
         proposer: Proposer,
         reap_interval: Duration,
+        event_retention: u64,
     ) -> Self {
         Liveness {
             id,
@@ -74,6 +77,7 @@ impl Liveness {
             state,
             proposer,
             reap_interval,
+            event_retention,
             countdowns: Arc::default(),
         }
     }
@@ -156,6 +160,7 @@ impl Liveness {
             if now.duration_since(last_reap) >= self.reap_interval {
                 last_reap = now;
                 self.reap_due();
+                self.compact_due();
             }
         }
     }
@@ -211,6 +216,25 @@ impl Liveness {
         }
         tracing::info!(nodes = candidates.len(), "reaping container and TTL nodes");
         self.propose(Op::Reap { nodes: candidates });
+    }
+
+    /// Keeps the event history to `event_retention` revisions, compacting in steps of a tenth
+    /// of it so compaction entries stay rare.
+    fn compact_due(&self) {
+        if self.event_retention == 0 || self.raft.metrics().borrow().state != ServerState::Leader {
+            return;
+        }
+        let (applied, compacted) = {
+            let a = self.state.read();
+            (a.applied_index(), a.compacted_revision)
+        };
+        let keep_from = applied.saturating_sub(self.event_retention);
+        if keep_from > compacted + (self.event_retention / 10).max(1) {
+            tracing::info!(revision = keep_from, "compacting event history");
+            self.propose(Op::Compact {
+                revision: keep_from,
+            });
+        }
     }
 
     /// Proposes in the background; a failure is retried by the next tick (the lease stays

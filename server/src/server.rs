@@ -10,6 +10,7 @@ use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::cluster_server::ClusterServer;
 use kord_api::v1::kv_server::KvServer;
 use kord_api::v1::lease_server::LeaseServer;
+use kord_api::v1::watch_server::WatchServer;
 use kord_api::v1::AddMemberRequest;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -18,6 +19,7 @@ use crate::config::{Bootstrap, Config};
 use crate::grpc::cluster::ClusterService;
 use crate::grpc::kv::KvService;
 use crate::grpc::lease::LeaseService;
+use crate::grpc::watch::WatchService;
 use crate::http::{self, HttpContext};
 use crate::liveness::Liveness;
 use crate::metrics::Metrics;
@@ -25,7 +27,9 @@ use crate::proposal::Proposer;
 use crate::raft::network::{NetworkFactory, PeerChannels, MAX_PEER_MESSAGE_BYTES};
 use crate::raft::peer_service::PeerService;
 use crate::raft::Raft;
+use crate::storage::events::EventLog;
 use crate::storage::{self, LogStore, StateMachineStore};
+use crate::watch::WatchContext;
 
 /// Runs a member until `shutdown` resolves, then stops Raft and the listeners.
 pub async fn run(
@@ -39,8 +43,10 @@ pub async fn run(
         .with_context(|| format!("opening RocksDB in {}", config.data_dir.display()))?;
     let log_store = LogStore::new(db.clone(), metrics.clone())?;
     let committed = log_store.committed_index();
+    let event_log = EventLog::new(db.clone());
     let sm = StateMachineStore::open(db, &config.data_dir, metrics.clone())?;
     let state = sm.shared();
+    let hub = sm.hub();
 
     let raft_config = openraft::Config {
         cluster_name: "kord".into(),
@@ -100,7 +106,19 @@ pub async fn run(
         state.clone(),
         proposer.clone(),
         config.reap_interval,
+        config.event_retention,
     );
+    let watch = WatchService {
+        id: config.id,
+        raft: raft.clone(),
+        ctx: Arc::new(WatchContext {
+            hub,
+            log: event_log,
+            progress_interval: config.watch_progress_interval,
+        }),
+        stream_buffer: config.watch_buffer,
+        metrics: metrics.clone(),
+    };
     let lease = LeaseService {
         id: config.id,
         raft: raft.clone(),
@@ -116,6 +134,7 @@ pub async fn run(
         .add_service(KvServer::new(kv).max_decoding_message_size(max_request))
         .add_service(ClusterServer::new(cluster))
         .add_service(LeaseServer::new(lease))
+        .add_service(WatchServer::new(watch))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(client_listener),
             stopped(stop_rx.clone()),

@@ -101,3 +101,23 @@ pub fn txn_result(reply: SubReply, header: &pb::ResponseHeader) -> pb::TxnOpResu
         result: Some(result),
     }
 }
+
+pub fn event(e: state::Event) -> pb::Event {
+    let (prev_stat, prev_data) = match e.prev {
+        Some(p) => (Some(stat(&p.stat)), p.data),
+        None => (None, Vec::new()),
+    };
+    pb::Event {
+        r#type: match e.kind {
+            state::EventKind::Created => pb::EventType::Created,
+            state::EventKind::Deleted => pb::EventType::Deleted,
+            state::EventKind::DataChanged => pb::EventType::DataChanged,
+            state::EventKind::ChildrenChanged => pb::EventType::ChildrenChanged,
+        } as i32,
+        path: e.path,
+        stat: Some(stat(&e.stat)),
+        data: e.data,
+        prev_stat,
+        prev_data,
+    }
+}

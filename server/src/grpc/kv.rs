@@ -94,6 +94,7 @@ impl KvService {
     ) -> Result<(u64, Reply), EdgeError> {
         match &op {
             Op::LeaseGrant { .. }
+            | Op::Compact { .. }
             | Op::LeaseRevoke { .. }
             | Op::LeaseExpire { .. }
             | Op::Reap { .. } => {
@@ -322,5 +323,39 @@ impl Kv for KvService {
         }
         .await;
         self.finish("txn", result)
+    }
+
+    #[tracing::instrument(skip_all, fields(member = self.id, revision = req.get_ref().revision))]
+    async fn compact(
+        &self,
+        req: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let r = req.into_inner();
+        let result = async {
+            let applied = self.state.read().applied_index();
+            if r.revision > applied {
+                return Err(EdgeError::InvalidArgument(format!(
+                    "revision {} is in the future: the latest applied revision is {applied}",
+                    r.revision
+                )));
+            }
+            let cmd = Command {
+                write_id: convert::write_id(r.write_id),
+                time_ms: 0,
+                op: Op::Compact {
+                    revision: r.revision,
+                },
+            };
+            let out = self.proposer.propose(cmd).await?;
+            match out.reply? {
+                Reply::Compacted { revision } => Ok(pb::CompactResponse {
+                    header: Some(self.header(out.revision)),
+                    compacted_revision: revision,
+                }),
+                _ => Err(EdgeError::WriteIdReused),
+            }
+        }
+        .await;
+        self.finish("compact", result)
     }
 }

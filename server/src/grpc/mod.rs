@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod convert;
 pub mod kv;
 pub mod lease;
+pub mod watch;
 
 use tonic::{Code, Status};
 

@@ -41,6 +41,8 @@ pub enum Op {
     /// Proposed by the leader: deletes container and TTL nodes that it saw due. Each is
     /// re-checked at apply and skipped if it changed since.
     Reap { nodes: Vec<ReapCandidate> },
+    /// Forgets the events of revisions up to `revision` (clamped below this entry's own).
+    Compact { revision: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +132,10 @@ pub enum Reply {
     Deleted {
         paths: Vec<String>,
     },
+    /// The compaction point after a compact.
+    Compacted {
+        revision: u64,
+    },
 }
 
 /// Why a command changed nothing. Deterministic data: it is stored for deduplicated retries.
@@ -189,6 +195,14 @@ pub struct Event {
     /// The node's stat after the change (before it, for deletions).
     pub stat: Stat,
     /// The node's data after the change; empty for deletions and children changes.
+    pub data: Vec<u8>,
+    /// The node before the change (none for creations).
+    pub prev: Option<Prev>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prev {
+    pub stat: Stat,
     pub data: Vec<u8>,
 }
 

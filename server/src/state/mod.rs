@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 pub use command::{
-    ApplyError, ApplyOutput, Command, CreateMode, Event, EventKind, Op, ReapCandidate, Reply,
+    ApplyError, ApplyOutput, Command, CreateMode, Event, EventKind, Op, Prev, ReapCandidate, Reply,
     SubOp, SubReply, WriteId,
 };
 pub use lease::{Lease, StoredLease};
@@ -258,6 +258,8 @@ impl State {
                 Ok(self.expire_leases(revision, cmd.time_ms, ids, &mut events))
             }
             Op::Reap { nodes } => Ok(self.reap(revision, cmd.time_ms, nodes, &mut events)),
+            // The event history lives in storage: the state machine store compacts it.
+            Op::Compact { revision: upto } => Ok(Reply::Compacted { revision: *upto }),
         };
         let out = ApplyOutput { revision, reply };
         if id.client_id != 0 {
@@ -407,6 +409,7 @@ impl State {
                     ..Stat::default()
                 };
                 let parent = self.nodes.get_mut(&parent_path).expect("checked above");
+                let parent_prev = parent.stat;
                 parent.children.insert(path::name(&path).to_owned());
                 parent.stat.cversion += 1;
                 parent.stat.children_revision = revision;
@@ -428,12 +431,17 @@ impl State {
                     path: path.clone(),
                     stat,
                     data: data.clone(),
+                    prev: None,
                 });
                 events.push(Event {
                     kind: EventKind::ChildrenChanged,
                     path: parent_path,
                     stat: parent_stat,
                     data: Vec::new(),
+                    prev: Some(Prev {
+                        stat: parent_prev,
+                        data: Vec::new(),
+                    }),
                 });
                 Ok(SubReply::Created { path, stat })
             }
@@ -446,7 +454,10 @@ impl State {
                 let _ = node;
                 save(&self.nodes, path);
                 let node = self.nodes.get_mut(path).expect("checked above");
-                node.data.clone_from(data);
+                let prev = Prev {
+                    stat: node.stat,
+                    data: std::mem::replace(&mut node.data, data.clone()),
+                };
                 node.stat.version = node.stat.version.wrapping_add(1);
                 node.stat.modify_revision = revision;
                 node.stat.mtime_ms = time_ms;
@@ -458,6 +469,7 @@ impl State {
                     path: path.clone(),
                     stat,
                     data: data.clone(),
+                    prev: Some(prev),
                 });
                 Ok(SubReply::Set { stat })
             }
@@ -486,6 +498,7 @@ impl State {
                     .nodes
                     .get_mut(&parent_path)
                     .expect("a node's parent exists");
+                let parent_prev = parent.stat;
                 parent.children.remove(path::name(path));
                 parent.stat.cversion += 1;
                 parent.stat.children_revision = revision;
@@ -498,12 +511,20 @@ impl State {
                     path: path.clone(),
                     stat: removed.stat,
                     data: Vec::new(),
+                    prev: Some(Prev {
+                        stat: removed.stat,
+                        data: removed.data,
+                    }),
                 });
                 events.push(Event {
                     kind: EventKind::ChildrenChanged,
                     path: parent_path,
                     stat: parent_stat,
                     data: Vec::new(),
+                    prev: Some(Prev {
+                        stat: parent_prev,
+                        data: Vec::new(),
+                    }),
                 });
                 Ok(SubReply::Deleted)
             }

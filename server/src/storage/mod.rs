@@ -4,6 +4,7 @@
 //! every state-machine batch written before it is durable too.
 
 pub mod codec;
+pub mod events;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;

@@ -18,7 +18,8 @@ use super::snapshot::{RawPairs, SnapshotData, SnapshotFile, StoredSnapshot};
 use super::{cf, cf_handle, to_storage_error, StoreError};
 use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use crate::state::{ApplyOutput, ClientRecord, Reply, State, StoredLease, StoredNode};
+use crate::state::{ApplyOutput, ClientRecord, Command, Op, Reply, State, StoredLease, StoredNode};
+use crate::watch::hub::{RevisionEvents, WatchHub};
 
 /// What reads see: the state as of `last_applied`.
 #[derive(Debug)]
@@ -56,6 +57,7 @@ pub struct StateMachineStore {
     snapshot_file: Arc<SnapshotFile>,
     metrics: Arc<Metrics>,
     snapshot_builds: Arc<AtomicU64>,
+    hub: WatchHub,
 }
 
 fn sm_err(verb: ErrorVerb) -> impl FnOnce(StoreError) -> StorageError {
@@ -70,17 +72,24 @@ impl StateMachineStore {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
         let applied = load_applied(&db)?;
+        let hub = WatchHub::new(applied.applied_index());
         Ok(StateMachineStore {
             db,
             shared: SharedState(Arc::new(RwLock::new(applied))),
             snapshot_file: Arc::new(SnapshotFile::new(data_dir)),
             metrics,
             snapshot_builds: Arc::new(AtomicU64::new(0)),
+            hub,
         })
     }
 
     pub fn shared(&self) -> SharedState {
         self.shared.clone()
+    }
+
+    /// Where watchers subscribe to applied events.
+    pub fn hub(&self) -> WatchHub {
+        self.hub.clone()
     }
 
     fn apply_batch(&self, entries: Vec<Entry>) -> Result<Vec<ApplyOutput>, StoreError> {
@@ -91,6 +100,7 @@ impl StateMachineStore {
         let meta_cf = cf_handle(&self.db, cf::SM_META)?;
         let mut batch = WriteBatch::default();
         let mut outputs = Vec::with_capacity(entries.len());
+        let mut published = Vec::new();
         let mut guard = self.shared.write();
         let applied = &mut *guard;
         let mut membership_changed = false;
@@ -102,10 +112,27 @@ impl StateMachineStore {
                     revision,
                     reply: Ok(Reply::Nothing),
                 }),
+                EntryPayload::Normal(Command {
+                    op: Op::Compact { revision: upto },
+                    ..
+                }) => {
+                    // Never past the entry itself, never backwards.
+                    let point = upto
+                        .min(revision.saturating_sub(1))
+                        .max(applied.compacted_revision);
+                    batch.delete_range_cf(events_cf, u64_key(0), u64_key(point + 1));
+                    batch.put_cf(meta_cf, codec::COMPACTED, codec::encode(&point));
+                    applied.compacted_revision = point;
+                    outputs.push(ApplyOutput {
+                        revision,
+                        reply: Ok(Reply::Compacted { revision: point }),
+                    });
+                }
                 EntryPayload::Normal(cmd) => {
                     let (out, events) = applied.state.apply(revision, &cmd);
                     if !events.is_empty() {
                         batch.put_cf(events_cf, u64_key(revision), codec::encode(&events));
+                        published.push(RevisionEvents { revision, events });
                     }
                     outputs.push(out);
                 }
@@ -153,7 +180,9 @@ impl StateMachineStore {
         // Not synced: the committed log entries are durable, and a later synced log write or
         // purge makes this batch durable too (one WAL, replayed in order).
         self.db.write_opt(batch, &WriteOptions::default())?;
+        let applied_index = applied.applied_index();
         drop(guard);
+        self.hub.publish(published, applied_index);
         Ok(outputs)
     }
 
@@ -203,6 +232,7 @@ impl StateMachineStore {
             membership: meta.last_membership.clone(),
             compacted_revision: compacted,
         };
+        self.hub.reset(compacted);
         self.snapshot_file.save(&StoredSnapshot {
             meta: meta.clone(),
             data: bytes,
