@@ -362,6 +362,11 @@ impl Cluster {
         self.ids().into_iter().map(|id| self.kv(id)).collect()
     }
 
+    /// The (lazily connected) channel to member `id`'s client API.
+    pub fn channel(&self, id: u64) -> Channel {
+        self.member(id).channel.clone()
+    }
+
     /// A Lease client for member `id`.
     pub fn lease(&self, id: u64) -> kord_api::v1::lease_client::LeaseClient<Channel> {
         kord_api::v1::lease_client::LeaseClient::new(self.member(id).channel.clone())

@@ -14,11 +14,13 @@ pub mod http;
 pub mod kv;
 pub mod ports;
 pub mod wait;
+pub mod watch;
 
 pub use bins::{kord_bin, kordctl_bin};
 pub use cluster::{assert_same_state, Cluster, ClusterOpts};
 pub use http::{http_get, HttpResponse};
 pub use kv::*;
 pub use wait::{wait_until, POLL_INTERVAL};
+pub use watch::{revision_of, WatchConn};
 
 pub use kord_api::v1;

@@ -160,7 +160,12 @@ async fn session_survives_its_client_moving_to_another_member() {
     // Elections must end well within the session timeout for any session to survive the loss
     // of its leader (ZooKeeper has the same rule): quick elections here, a 3 s session.
     let mut args: Vec<&str> = FAST.to_vec();
-    args.extend(["--heartbeat-interval", "50ms", "--election-timeout", "400ms"]);
+    args.extend([
+        "--heartbeat-interval",
+        "50ms",
+        "--election-timeout",
+        "400ms",
+    ]);
     let mut c = Cluster::start(3, ClusterOpts::new().args(args)).await;
     let holder = EphemeralHolder::start(&c, "/moving", "3s").await;
     // Whichever member the client pings through, one of these kills takes it away, and the

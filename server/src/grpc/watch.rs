@@ -18,7 +18,9 @@ use super::convert;
 use crate::metrics::Metrics;
 use crate::raft::{NodeId, Raft};
 use crate::state::{path, EventKind};
-use crate::watch::{self, kind_bit, Delivery, Outbox, Scope, Sent, WatchContext, WatchSpec};
+use crate::watch::{
+    self, kind_bit, Delivery, Outbox, Scope, Sent, WatchContext, WatchSpec, SLOW_CONSUMER_GRACE,
+};
 
 pub struct WatchService {
     pub id: NodeId,
@@ -79,10 +81,11 @@ impl StreamOutbox {
 }
 
 impl Outbox for StreamOutbox {
-    fn try_deliver(&self, watch_id: i64, d: Delivery) -> Sent {
-        match self.tx.try_send(Ok(self.response(watch_id, d))) {
-            Ok(()) => Sent::Ok,
-            Err(_) => Sent::Blocked,
+    async fn try_deliver(&self, watch_id: i64, d: Delivery) -> Sent {
+        let send = self.tx.send(Ok(self.response(watch_id, d)));
+        match tokio::time::timeout(SLOW_CONSUMER_GRACE, send).await {
+            Ok(Ok(())) => Sent::Ok,
+            _ => Sent::Blocked,
         }
     }
 

@@ -83,17 +83,26 @@ pub enum Delivery {
     },
 }
 
-/// Why a watch task stopped sending.
+/// Whether a delivery went into the stream's buffer.
 pub enum Sent {
     Ok,
-    /// The stream's buffer is full or the stream is gone.
+    /// The buffer stayed full for the grace period, or the stream is gone.
     Blocked,
 }
 
+/// How long a stream's buffer may stay full before its watch is canceled as too slow. While
+/// it waits, the watch falls behind the live broadcast and later catches up from storage, so
+/// a brief stall costs nothing.
+pub const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(2);
+
 /// The stream side of a watch: bounded, shared by the watches of one stream.
 pub trait Outbox: Send + Sync + 'static {
-    /// Never waits: a full buffer means the consumer is too slow.
-    fn try_deliver(&self, watch_id: i64, d: Delivery) -> Sent;
+    /// Waits up to [`SLOW_CONSUMER_GRACE`] for room in the buffer.
+    fn try_deliver(
+        &self,
+        watch_id: i64,
+        d: Delivery,
+    ) -> impl std::future::Future<Output = Sent> + Send;
     /// Waits for room; used for the final cancel of a slow watch.
     fn deliver(&self, watch_id: i64, d: Delivery) -> impl std::future::Future<Output = ()> + Send;
 }
@@ -119,7 +128,10 @@ pub async fn run<O: Outbox>(
     } else {
         spec.start_revision
     };
-    if let Sent::Blocked = out.try_deliver(spec.id, Delivery::Created { revision: next - 1 }) {
+    if let Sent::Blocked = out
+        .try_deliver(spec.id, Delivery::Created { revision: next - 1 })
+        .await
+    {
         return;
     }
     let mut w = Watcher {
@@ -233,7 +245,7 @@ impl<O: Outbox> Watcher<'_, O> {
             revision,
             events: matching,
         };
-        match self.out.try_deliver(self.spec.id, d) {
+        match self.out.try_deliver(self.spec.id, d).await {
             Sent::Ok if self.spec.one_shot => Flow::Stop,
             Sent::Ok => Flow::Continue,
             Sent::Blocked => {
@@ -276,6 +288,7 @@ impl<O: Outbox> Watcher<'_, O> {
         match self
             .out
             .try_deliver(self.spec.id, Delivery::Progress { revision })
+            .await
         {
             Sent::Ok => Flow::Continue,
             Sent::Blocked => {
