@@ -580,3 +580,68 @@ async fn watch_streams_stay_ordered_unique_atomic_and_complete_through_kills() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_watches_get_progress_and_history_is_compacted_by_retention() {
+    let args = [
+        "--watch-progress-interval",
+        "300ms",
+        "--event-retention",
+        "20",
+        "--reap-interval",
+        "200ms",
+    ];
+    let c = Cluster::start(3, ClusterOpts::new().args(args)).await;
+    let leader = c.leader().await;
+    let mut kv = c.kv(leader);
+    let mut last = 0;
+    for i in 0..60 {
+        last = kv
+            .create(create_req(&format!("/r{i}"), b""))
+            .await
+            .expect("create")
+            .into_inner()
+            .header
+            .unwrap()
+            .revision;
+    }
+    // An idle watch hears, unasked, that everything up to the last write was delivered.
+    let mut conn = WatchConn::open(c.channel(c.followers().await[0]))
+        .await
+        .expect("open watch");
+    conn.create(WatchCreateRequest {
+        watch_id: 1,
+        ..subtree("/r-none", 0)
+    })
+    .await;
+    let progress = loop {
+        let r = conn.expect(Duration::from_secs(3), "idle progress").await;
+        if r.progress {
+            break r;
+        }
+    };
+    assert!(revision_of(&progress) >= last);
+    // The leader compacts to keep about 20 revisions, and every member follows.
+    wait_until(
+        "history compacted on every member",
+        Duration::from_secs(10),
+        || {
+            let c = &c;
+            async move {
+                let points: Vec<u64> = c
+                    .statuses()
+                    .await
+                    .iter()
+                    .map(|s| s.compacted_revision)
+                    .collect();
+                if points.iter().all(|p| *p + 40 >= last && *p > 0) {
+                    Ok(())
+                } else {
+                    Err(format!("{points:?} (last {last})"))
+                }
+            }
+        },
+    )
+    .await;
+    assert_same_state(&c.wait_converged(Duration::from_secs(10)).await);
+}
