@@ -9,9 +9,9 @@ use std::time::Duration;
 use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::kv_client::KvClient;
 use kord_api::v1::{
-    ChildrenRequest, Consistency, CreateRequest, DeleteRequest, ExistsRequest, GetRequest,
-    LeaseGrantRequest, LeaseRevokeRequest, SetRequest, Stat, StatusRequest, StatusResponse,
-    TxnRequest, WriteId,
+    ChildrenRequest, CompactRequest, Consistency, CreateRequest, DeleteRequest, ExistsRequest,
+    GetRequest, LeaseGrantRequest, LeaseRevokeRequest, SetRequest, Stat, StatusRequest,
+    StatusResponse, TxnRequest, WriteId,
 };
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -28,6 +28,8 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Leader discovery is only an optimisation, so it must never hold a caller up for long.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
 const NO_LEADER: usize = usize::MAX;
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Configures a [`Client`]. Endpoints are `host:port` (a scheme, if given, is kept).
 #[derive(Debug, Clone)]
@@ -152,8 +154,8 @@ pub(crate) struct Inner {
     writes: WriteTracker,
     pub(crate) request_timeout: Duration,
     connect_timeout: Duration,
-    max_retries: Option<u32>,
-    retry_budget: Duration,
+    pub(crate) max_retries: Option<u32>,
+    pub(crate) retry_budget: Duration,
 }
 
 /// What a call is, which decides where it goes and which failures may be retried.
@@ -204,7 +206,8 @@ write_request!(
     DeleteRequest,
     TxnRequest,
     LeaseGrantRequest,
-    LeaseRevokeRequest
+    LeaseRevokeRequest,
+    CompactRequest
 );
 
 impl Client {
@@ -503,6 +506,23 @@ impl Client {
         resp.results.into_iter().map(OpResult::try_from).collect()
     }
 
+    /// Forgets the events of every revision up to and including `revision`, on every member:
+    /// watches can no longer start at or below it. Returns the compaction point afterwards
+    /// (which never moves backwards, so it may exceed `revision`).
+    pub async fn compact(&self, revision: u64) -> Result<u64, Error> {
+        let req = CompactRequest {
+            write_id: None,
+            revision,
+        };
+        let resp = self
+            .write(
+                req,
+                |ch, r| async move { KvClient::new(ch).compact(r).await },
+            )
+            .await?;
+        Ok(resp.compacted_revision)
+    }
+
     /// The cluster as some reachable endpoint sees it.
     pub async fn status(&self) -> Result<StatusResponse, Error> {
         self.call(Kind::Status, |ch| {
@@ -746,9 +766,13 @@ fn lazy_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, Error>
     };
     let endpoint = Endpoint::from_shared(uri)
         .map_err(|e| Error::invalid(format!("bad endpoint {addr:?}: {e}")))?;
+    // HTTP/2 pings while a stream is open, so a watch on a member that vanished without
+    // closing its connection (power loss, partition) notices and moves elsewhere.
     Ok(endpoint
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .connect_lazy())
 }
 

@@ -64,6 +64,13 @@ pub enum Error {
     /// The request's deadline passed. For a write, its outcome is unknown.
     #[error("{0}")]
     Timeout(String),
+    /// A watch needed events at or below `compact_revision`, which compaction has forgotten.
+    /// Re-read the state, then watch from a revision after the read.
+    #[error("{message}")]
+    Compacted {
+        compact_revision: u64,
+        message: String,
+    },
     /// Any other status, kept with its code.
     #[error("{message}")]
     Other {
@@ -174,6 +181,7 @@ impl Error {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::Compacted { .. } => Code::OutOfRange,
             Error::Other { code, .. } => *code,
         }
     }
@@ -188,6 +196,7 @@ impl Error {
             | Error::InvalidArgument { message, .. }
             | Error::LeaseNotFound { message, .. }
             | Error::SessionExpired { message, .. }
+            | Error::Compacted { message, .. }
             | Error::Other { message, .. } => message,
             Error::Unavailable(message) | Error::Timeout(message) => message,
         }
@@ -203,7 +212,10 @@ impl Error {
             | Error::InvalidArgument { failed_op, .. }
             | Error::LeaseNotFound { failed_op, .. }
             | Error::Other { failed_op, .. } => *failed_op,
-            Error::SessionExpired { .. } | Error::Unavailable(_) | Error::Timeout(_) => None,
+            Error::SessionExpired { .. }
+            | Error::Unavailable(_)
+            | Error::Timeout(_)
+            | Error::Compacted { .. } => None,
         }
     }
 }

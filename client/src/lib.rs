@@ -30,6 +30,27 @@
 //! # }
 //! ```
 //!
+//! Watches resume by themselves across member failures and never repeat or reorder a
+//! revision; ZooKeeper-style one-shot watches are set by a read:
+//!
+//! ```no_run
+//! # async fn demo(client: kord_client::Client) -> Result<(), kord_client::Error> {
+//! use kord_client::{WatchEvent, WatchOptions, WatchScope};
+//! let mut changes = client
+//!     .watch("/app", WatchOptions { scope: WatchScope::Subtree, ..Default::default() })
+//!     .await?;
+//! while let Some(change) = changes.next().await {
+//!     if let WatchEvent::Events { revision, events } = change? {
+//!         println!("{revision}: {} events", events.len());
+//!     }
+//! }
+//! let (data, stat, fired) = client.get_watch("/app/config").await?;
+//! let event = fired.await?; // the next change or deletion after the read
+//! # let _ = (data, stat, event);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Writes are exactly-once across retries: each carries a `WriteId` that stays the same on
 //! every retry, so a write that reached the server before a connection dropped is not applied
 //! twice.
@@ -41,11 +62,15 @@ mod keepalive;
 mod lease;
 mod ops;
 mod session;
+mod watch;
 mod write_id;
 
 pub use client::{Client, ClientBuilder};
 pub use error::{Error, FAILED_OP_METADATA};
-pub use kord_api::v1::{Consistency, Member, MemberRole, NodeKind, Stat, StatusResponse};
+pub use kord_api::v1::{
+    Consistency, EventType, Member, MemberRole, NodeKind, Stat, StatusResponse, WatchScope,
+};
 pub use lease::{KeepAlive, KeepAliveStatus, LeaseGrant, LeaseInfo, LeaseTtl};
 pub use ops::{CreateMode, CreateOptions, Created, Op, OpResult};
 pub use session::{Session, SessionState};
+pub use watch::{Event, OneShot, PrevNode, WatchEvent, WatchOptions, WatchStream};

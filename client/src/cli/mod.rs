@@ -12,7 +12,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
-use crate::{Client, ClientBuilder, Consistency, CreateMode, CreateOptions, Error};
+use crate::{
+    Client, ClientBuilder, Consistency, CreateMode, CreateOptions, Error, EventType, WatchOptions,
+    WatchScope,
+};
 
 /// Session timeout of `create --ephemeral` when none is given.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,6 +142,55 @@ pub enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Print changes as they happen until killed, one line each: `REVISION TYPE PATH [DATA]`
+    /// (newlines in DATA shown as \n), or with `-o json` one object per line (plus
+    /// `{"revision":N,"progress":true}` for progress notifications).
+    ///
+    /// Rides out member failures by resuming after the last printed revision. Exits 1 if the
+    /// history it needs was compacted.
+    Watch {
+        path: String,
+        /// Watch the node's children (and the node's own child-list changes).
+        #[arg(long, conflicts_with = "recursive")]
+        children: bool,
+        /// Watch the node and everything below it.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// Start at revision N (inclusive) instead of now.
+        #[arg(long, value_name = "N")]
+        rev: Option<u64>,
+        /// With -o json: also print each node as it was before the change.
+        #[arg(long)]
+        prev: bool,
+        /// Only these event types (comma-separated) [default: all].
+        #[arg(long, value_enum, value_delimiter = ',', value_name = "TYPES")]
+        types: Vec<EventTypeArg>,
+    },
+    /// Forget the events of every revision up to and including REV; prints the compaction
+    /// point (watches can no longer start at or below it).
+    Compact { rev: u64 },
+}
+
+/// An event type for `watch --types`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EventTypeArg {
+    Created,
+    Deleted,
+    #[value(alias = "data-changed", alias = "data_changed")]
+    Data,
+    #[value(alias = "children-changed", alias = "children_changed")]
+    Children,
+}
+
+impl From<EventTypeArg> for EventType {
+    fn from(t: EventTypeArg) -> Self {
+        match t {
+            EventTypeArg::Created => EventType::Created,
+            EventTypeArg::Deleted => EventType::Deleted,
+            EventTypeArg::Data => EventType::DataChanged,
+            EventTypeArg::Children => EventType::ChildrenChanged,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +392,37 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             }
         }
         Command::Lease { command } => lease(&client, command, json).await?,
+        Command::Watch {
+            path,
+            children,
+            recursive,
+            rev,
+            prev,
+            types,
+        } => {
+            let scope = if children {
+                WatchScope::Children
+            } else if recursive {
+                WatchScope::Subtree
+            } else {
+                WatchScope::Node
+            };
+            let options = WatchOptions {
+                scope,
+                types: types.into_iter().map(Into::into).collect(),
+                start_revision: rev,
+                prev_value: prev,
+            };
+            watch(&client, &path, options, json).await?
+        }
+        Command::Compact { rev } => {
+            let compacted = client.compact(rev).await?;
+            if json {
+                render(json!({ "compacted_revision": compacted }))
+            } else {
+                format!("{compacted}\n")
+            }
+        }
     };
     Ok(out)
 }
@@ -458,6 +541,48 @@ async fn keep_alive(client: &Client, id: u64, json: bool) -> Result<String, CliE
             }
         }
     }
+}
+
+/// `watch`: prints events as they come until killed (exit 0), the history it needs is
+/// compacted or the watch fails for good (exit 1), or stdout is closed (exit 0).
+async fn watch(
+    client: &Client,
+    path: &str,
+    options: WatchOptions,
+    json: bool,
+) -> Result<String, CliError> {
+    let mut signals = Signals::install()?;
+    let prev = options.prev_value;
+    let mut stream = tokio::select! {
+        () = signals.recv() => return Ok(String::new()),
+        stream = client.watch(path, options) => stream?,
+    };
+    loop {
+        let item = tokio::select! {
+            () = signals.recv() => return Ok(String::new()),
+            item = stream.next() => item,
+        };
+        let event = match item {
+            Some(Ok(event)) => event,
+            Some(Err(err)) => return Err(err.into()),
+            None => return Err(Error::Unavailable(format!("watch on {path} ended")).into()),
+        };
+        let text = if json {
+            output::watch_json_lines(&event, prev)
+        } else {
+            output::watch_text(&event)
+        };
+        if !text.is_empty() && write_stdout(&text).is_err() {
+            // Nobody is reading any more (`kordctl watch / | head -1`).
+            return Ok(String::new());
+        }
+    }
+}
+
+fn write_stdout(text: &str) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()
 }
 
 /// SIGINT and SIGTERM, listened for from creation on.
@@ -663,6 +788,64 @@ mod tests {
             assert!(format!("{command:?}").starts_with(want), "{args:?}");
         }
         assert!(Cli::try_parse_from(["kordctl", "lease", "revoke", "x"]).is_err());
+    }
+
+    #[test]
+    fn parses_watch_and_compact() {
+        let cli = Cli::try_parse_from([
+            "kordctl",
+            "watch",
+            "/a",
+            "--children",
+            "--rev",
+            "7",
+            "--prev",
+            "--types",
+            "created,deleted,data,children",
+        ])
+        .unwrap();
+        let Command::Watch {
+            path,
+            children,
+            recursive,
+            rev,
+            prev,
+            types,
+        } = cli.command
+        else {
+            panic!("not a watch");
+        };
+        assert_eq!(path, "/a");
+        assert!(children && !recursive && prev);
+        assert_eq!(rev, Some(7));
+        assert_eq!(
+            types.into_iter().map(EventType::from).collect::<Vec<_>>(),
+            [
+                EventType::Created,
+                EventType::Deleted,
+                EventType::DataChanged,
+                EventType::ChildrenChanged
+            ]
+        );
+        let cli = Cli::try_parse_from(["kordctl", "watch", "-r", "/", "--types", "data_changed"])
+            .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Watch {
+                recursive: true,
+                ref types,
+                ..
+            } if types == &[EventTypeArg::Data]
+        ));
+        for bad in [
+            &["kordctl", "watch", "/a", "--children", "--recursive"][..],
+            &["kordctl", "watch", "/a", "--types", "renamed"],
+            &["kordctl", "watch", "/a", "--rev", "-1"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from(["kordctl", "compact", "42"]).unwrap();
+        assert!(matches!(cli.command, Command::Compact { rev: 42 }));
     }
 
     #[test]

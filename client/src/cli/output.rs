@@ -4,7 +4,8 @@
 use serde_json::{json, Value};
 
 use crate::{
-    Created, LeaseInfo, LeaseTtl, MemberRole, NodeKind, Op, OpResult, Stat, StatusResponse,
+    Created, Event, EventType, LeaseInfo, LeaseTtl, MemberRole, NodeKind, Op, OpResult, Stat,
+    StatusResponse, WatchEvent,
 };
 
 /// `persistent`, `ephemeral`, `container` or `ttl`.
@@ -61,6 +62,67 @@ fn plain(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         v => v.to_string(),
+    }
+}
+
+/// `created`, `deleted`, `data_changed` or `children_changed`.
+pub fn event_type_name(kind: EventType) -> String {
+    kind.as_str_name().to_ascii_lowercase()
+}
+
+/// `REVISION TYPE PATH [DATA]` per event (DATA for creations and data changes that carry any,
+/// with newlines shown as `\n`); nothing for progress notifications.
+pub fn watch_text(event: &WatchEvent) -> String {
+    let WatchEvent::Events { events, .. } = event else {
+        return String::new();
+    };
+    events
+        .iter()
+        .map(|e| {
+            let mut line = format!("{} {} {}", e.revision, event_type_name(e.kind), e.path);
+            let has_data = matches!(e.kind, EventType::Created | EventType::DataChanged);
+            if has_data && !e.data.is_empty() {
+                let data = String::from_utf8_lossy(&e.data)
+                    .replace('\n', "\\n")
+                    .replace('\r', "\\r");
+                line.push(' ');
+                line.push_str(&data);
+            }
+            line.push('\n');
+            line
+        })
+        .collect()
+}
+
+pub fn event_json(e: &Event, with_prev: bool) -> Value {
+    let mut value = json!({
+        "revision": e.revision,
+        "type": event_type_name(e.kind),
+        "path": e.path,
+        "data": String::from_utf8_lossy(&e.data),
+        "stat": stat_json(&e.stat),
+    });
+    if with_prev {
+        let (data, stat) = match &e.prev {
+            Some(p) => (json!(String::from_utf8_lossy(&p.data)), stat_json(&p.stat)),
+            None => (Value::Null, Value::Null),
+        };
+        value["prev_data"] = data;
+        value["prev_stat"] = stat;
+    }
+    value
+}
+
+/// One compact JSON object per line: each event, or `{"revision":N,"progress":true}`.
+pub fn watch_json_lines(event: &WatchEvent, with_prev: bool) -> String {
+    match event {
+        WatchEvent::Events { events, .. } => events
+            .iter()
+            .map(|e| format!("{}\n", event_json(e, with_prev)))
+            .collect(),
+        WatchEvent::Progress { revision } => {
+            format!("{}\n", json!({ "revision": revision, "progress": true }))
+        }
     }
 }
 
@@ -334,6 +396,62 @@ mod tests {
         assert!(lines.next().unwrap().starts_with("NAME  KIND"), "{text}");
         let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
         assert_eq!(row[..2], ["c", "container"]);
+    }
+
+    fn event(kind: EventType, path: &str, data: &str) -> Event {
+        Event {
+            revision: 9,
+            kind,
+            path: path.into(),
+            stat: Stat::default(),
+            data: data.into(),
+            prev: None,
+        }
+    }
+
+    #[test]
+    fn watch_renderings() {
+        let ev = WatchEvent::Events {
+            revision: 9,
+            events: vec![
+                event(EventType::DataChanged, "/a", "two\nlines"),
+                event(EventType::Created, "/b", ""),
+                event(EventType::ChildrenChanged, "/", ""),
+            ],
+        };
+        assert_eq!(
+            watch_text(&ev),
+            "9 data_changed /a two\\nlines\n9 created /b\n9 children_changed /\n"
+        );
+        assert_eq!(watch_text(&WatchEvent::Progress { revision: 3 }), "");
+
+        let lines = watch_json_lines(&ev, false);
+        let first: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+        assert_eq!(first["revision"], 9);
+        assert_eq!(first["type"], "data_changed");
+        assert_eq!(first["data"], "two\nlines");
+        assert_eq!(first["stat"]["version"], 0);
+        assert!(first.get("prev_data").is_none());
+        assert_eq!(lines.lines().count(), 3);
+
+        let mut with_prev = event(EventType::DataChanged, "/a", "new");
+        with_prev.prev = Some(crate::PrevNode {
+            stat: Stat {
+                version: 4,
+                ..Default::default()
+            },
+            data: b"old".to_vec(),
+        });
+        let v = event_json(&with_prev, true);
+        assert_eq!(v["prev_data"], "old");
+        assert_eq!(v["prev_stat"]["version"], 4);
+        let v = event_json(&event(EventType::Created, "/c", "x"), true);
+        assert!(v["prev_data"].is_null() && v["prev_stat"].is_null());
+
+        let progress = watch_json_lines(&WatchEvent::Progress { revision: 3 }, true);
+        assert!(progress.ends_with('\n') && progress.lines().count() == 1);
+        let v: Value = serde_json::from_str(&progress).unwrap();
+        assert_eq!(v, json!({ "revision": 3, "progress": true }));
     }
 
     #[test]
