@@ -162,3 +162,64 @@ async fn kordctl_status_create_get_set_and_errors() {
     );
     fails(&c, &["delete", "/x/s-0000000000"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kordctl_watch_prints_events_as_json_lines() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let c = Cluster::start(1, ClusterOpts::default()).await;
+    ok(&c, &["create", "/cfg", "v0"]).await;
+    let mut child = tokio::process::Command::new(kordctl_bin())
+        .args([
+            "--endpoints",
+            &c.endpoints_csv(),
+            "-o",
+            "json",
+            "watch",
+            "/cfg",
+            "--recursive",
+            "--prev",
+        ])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn kordctl watch");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // `watch` acknowledges before it prints anything, but the process may still be starting:
+    // keep changing the node until its first event shows up.
+    let mut events: Vec<Value> = Vec::new();
+    for i in 1..=20 {
+        ok(&c, &["set", "/cfg", &format!("v{i}")]).await;
+        if let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+        {
+            events.push(serde_json::from_str(&line).expect("a JSON line"));
+            break;
+        }
+    }
+    ok(&c, &["create", "/cfg/child", "x"]).await;
+    while events.len() < 3 {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("event line in time")
+            .expect("read")
+            .expect("a line");
+        let v: Value = serde_json::from_str(&line).expect("a JSON line");
+        if v.get("progress").is_none() {
+            events.push(v);
+        }
+    }
+    assert_eq!(events[0]["type"], "data_changed", "{events:?}");
+    assert!(events[0]["prev_data"].is_string(), "{events:?}");
+    let revs: Vec<u64> = events
+        .iter()
+        .map(|e| e["revision"].as_u64().expect("revision"))
+        .collect();
+    assert!(revs.windows(2).all(|w| w[0] <= w[1]), "{revs:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "created" && e["path"] == "/cfg/child"),
+        "{events:?}"
+    );
+}
