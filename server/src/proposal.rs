@@ -70,6 +70,14 @@ struct ReadRounds {
     waiting: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
 }
 
+/// The peer calls a follower makes to the leader.
+#[derive(Debug, Clone, Copy)]
+enum PeerCall {
+    Forward,
+    ReadIndex,
+    Lease,
+}
+
 /// Forwarding hops before giving up (leadership may move while a write is in flight).
 const MAX_ATTEMPTS: usize = 3;
 
@@ -141,6 +149,19 @@ impl Proposer {
     }
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> ForwardReply {
+        self.call_leader::<_, ForwardReply>(leader, PeerCall::Forward, cmd, self.inner.wait * 2)
+            .await?
+    }
+
+    /// One peer call to the leader: encodes the request, decodes the reply, and reports
+    /// transport failures as `ForwardFailed`.
+    async fn call_leader<Req: Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        leader: NodeId,
+        call: PeerCall,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ProposeError> {
         let addr = self.peer_addr(leader)?;
         let failed = |reason: String| ProposeError::ForwardFailed {
             leader,
@@ -153,15 +174,17 @@ impl Proposer {
             .client(&addr)
             .map_err(|e| failed(e.to_string()))?;
         let mut request = tonic::Request::new(kord_api::peer::Payload {
-            data: codec::encode(cmd),
+            data: codec::encode(req),
         });
-        request.set_timeout(self.inner.wait * 2);
-        let response = client
-            .forward(request)
-            .await
-            .map_err(|s| failed(s.message().to_owned()))?;
-        postcard::from_bytes::<ForwardReply>(&response.into_inner().data)
-            .map_err(|e| failed(format!("malformed reply: {e}")))?
+        request.set_timeout(timeout);
+        let response = match call {
+            PeerCall::Forward => client.forward(request).await,
+            PeerCall::ReadIndex => client.read_index(request).await,
+            PeerCall::Lease => client.lease(request).await,
+        }
+        .map_err(|s| failed(s.message().to_owned()))?;
+        postcard::from_bytes::<Resp>(&response.into_inner().data)
+            .map_err(|e| failed(format!("malformed reply: {e}")))
     }
 
     /// Sends a lease query to the leader's countdowns on another member.
@@ -170,27 +193,14 @@ impl Proposer {
         query: LeaseQuery,
     ) -> Result<Result<u64, LeaseError>, ProposeError> {
         let leader = self.leader().await?;
-        let addr = self.peer_addr(leader)?;
-        let failed = |reason: String| ProposeError::ForwardFailed {
-            leader,
-            addr: addr.clone(),
-            reason,
-        };
-        let mut client = self
-            .inner
-            .channels
-            .client(&addr)
-            .map_err(|e| failed(e.to_string()))?;
-        let mut request = tonic::Request::new(kord_api::peer::Payload {
-            data: codec::encode(&query),
-        });
-        request.set_timeout(self.inner.wait);
-        let response = client
-            .lease(request)
-            .await
-            .map_err(|s| failed(s.message().to_owned()))?;
-        let answer = postcard::from_bytes::<Result<u64, LeaseError>>(&response.into_inner().data)
-            .map_err(|e| failed(format!("malformed reply: {e}")))?;
+        let answer = self
+            .call_leader::<_, Result<u64, LeaseError>>(
+                leader,
+                PeerCall::Lease,
+                &query,
+                self.inner.wait,
+            )
+            .await?;
         match answer {
             // Leadership moved between our look-up and its answer: the client retries.
             Err(LeaseError::NotLeader { member }) => Err(ProposeError::NotLeader {
@@ -281,25 +291,13 @@ impl Proposer {
     }
 
     async fn remote_read_index(&self, leader: NodeId) -> Result<u64, ProposeError> {
-        let addr = self.peer_addr(leader)?;
-        let failed = |reason: String| ProposeError::ForwardFailed {
+        self.call_leader::<_, Result<u64, ProposeError>>(
             leader,
-            addr: addr.clone(),
-            reason,
-        };
-        let mut client = self
-            .inner
-            .channels
-            .client(&addr)
-            .map_err(|e| failed(e.to_string()))?;
-        let mut request = tonic::Request::new(kord_api::peer::Payload { data: Vec::new() });
-        request.set_timeout(self.inner.wait);
-        let response = client
-            .read_index(request)
-            .await
-            .map_err(|s| failed(s.message().to_owned()))?;
-        postcard::from_bytes::<Result<u64, ProposeError>>(&response.into_inner().data)
-            .map_err(|e| failed(format!("malformed reply: {e}")))?
+            PeerCall::ReadIndex,
+            &(),
+            self.inner.wait,
+        )
+        .await?
     }
 
     async fn wait_applied(&self, index: u64) -> Result<(), ProposeError> {

@@ -25,25 +25,15 @@ pub struct KvService {
 
 impl KvService {
     fn header(&self, revision: u64) -> pb::ResponseHeader {
-        pb::ResponseHeader {
-            revision,
-            member_id: self.id,
-            raft_term: self.raft.metrics().borrow().current_term,
-        }
+        super::header(self.id, &self.raft, revision)
     }
 
-    /// Counts the request by op and outcome, and converts the error.
     fn finish<T>(
         &self,
         op: &'static str,
         result: Result<T, EdgeError>,
     ) -> Result<Response<T>, Status> {
-        let result = result.map(Response::new).map_err(Status::from);
-        let code = result
-            .as_ref()
-            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        self.metrics.count_request(op, code);
-        result
+        super::finish(&self.metrics, op, result)
     }
 
     fn check_op(&self, op: &SubOp) -> Result<(), EdgeError> {

@@ -43,11 +43,7 @@ impl From<LeaseError> for EdgeError {
 
 impl LeaseService {
     fn header(&self, revision: u64) -> pb::ResponseHeader {
-        pb::ResponseHeader {
-            revision,
-            member_id: self.id,
-            raft_term: self.raft.metrics().borrow().current_term,
-        }
+        super::header(self.id, &self.raft, revision)
     }
 
     fn finish<T>(
@@ -55,12 +51,7 @@ impl LeaseService {
         op: &'static str,
         result: Result<T, EdgeError>,
     ) -> Result<Response<T>, Status> {
-        let result = result.map(Response::new).map_err(Status::from);
-        let code = result
-            .as_ref()
-            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        self.metrics.count_request(op, code);
-        result
+        super::finish(&self.metrics, op, result)
     }
 
     /// Asks the leader (this member or another) about a lease.

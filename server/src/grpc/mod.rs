@@ -108,3 +108,28 @@ fn apply_code(e: &ApplyError) -> Code {
         ApplyError::TxnOp { cause, .. } => apply_code(cause),
     }
 }
+
+/// The header every response carries.
+pub(crate) fn header(
+    member_id: crate::raft::NodeId,
+    raft: &crate::raft::Raft,
+    revision: u64,
+) -> kord_api::v1::ResponseHeader {
+    kord_api::v1::ResponseHeader {
+        revision,
+        member_id,
+        raft_term: raft.metrics().borrow().current_term,
+    }
+}
+
+/// Counts a unary request by op and outcome, and converts its error to a status.
+pub(crate) fn finish<T>(
+    metrics: &crate::metrics::Metrics,
+    op: &'static str,
+    result: Result<T, EdgeError>,
+) -> Result<tonic::Response<T>, Status> {
+    let result = result.map(tonic::Response::new).map_err(Status::from);
+    let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+    metrics.count_request(op, code);
+    result
+}
