@@ -23,8 +23,8 @@ use crate::{CreateMode, CreateOptions, Created, Error, Op, OpResult, Session};
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(15);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const BACKOFF_START: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
+pub(crate) const BACKOFF_START: Duration = Duration::from_millis(20);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Leader discovery is only an optimisation, so it must never hold a caller up for long.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
 const NO_LEADER: usize = usize::MAX;

@@ -57,20 +57,26 @@
 
 pub mod cli;
 mod client;
+mod election;
 mod error;
 mod keepalive;
 mod lease;
+mod lock;
 mod ops;
+mod recipes;
 mod session;
 mod watch;
 mod write_id;
 
 pub use client::{Client, ClientBuilder};
+pub use election::{Election, LeaderInfo, LeaderKey, LeaderStream, Leadership};
 pub use error::{Error, FAILED_OP_METADATA};
 pub use kord_api::v1::{
     Consistency, EventType, Member, MemberRole, NodeKind, Stat, StatusResponse, WatchScope,
 };
 pub use lease::{KeepAlive, KeepAliveStatus, LeaseGrant, LeaseInfo, LeaseTtl};
+pub use lock::{FencingGuard, Mutex, MutexGuard};
 pub use ops::{CreateMode, CreateOptions, Created, Op, OpResult};
+pub use recipes::{RwLock, RwLockGuard, RwMode, Semaphore, SemaphorePermit};
 pub use session::{Session, SessionState};
 pub use watch::{Event, OneShot, PrevNode, WatchEvent, WatchOptions, WatchStream};

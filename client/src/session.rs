@@ -211,6 +211,11 @@ impl Session {
         self.id
     }
 
+    /// The client the session was opened with.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The timeout the server granted (the requested one clamped into the server's bounds).
     pub fn timeout(&self) -> Duration {
         self.timeout

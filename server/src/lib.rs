@@ -9,12 +9,15 @@
 //!   entries in batches and persists each batch with its index.
 //! - [`state`]: the pure, deterministic znode tree that apply mutates.
 //! - [`watch`]: fans applied events out to watchers, live or from the stored history.
+//! - [`claims`]: the fair, herd-free queue of ephemeral sequential nodes behind locks and
+//!   elections (served by `grpc::lock` and `grpc::election`).
 //! - [`liveness`]: the leader's lease countdowns and the reaper of container and TTL nodes;
 //!   it decides when, and proposes entries that apply carries out.
 //! - [`http`] and [`metrics`]: health, readiness and Prometheus metrics.
 //!
 //! [`server::run`] wires them together; `main.rs` only parses flags.
 
+pub mod claims;
 pub mod config;
 pub mod grpc;
 pub mod http;

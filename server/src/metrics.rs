@@ -28,6 +28,7 @@ pub struct Metrics {
     pub applied_index: Gauge,
     pub apply_lag: Gauge,
     pub znodes: Gauge,
+    pub claim_wakeups: Counter,
 }
 
 impl Default for Metrics {
@@ -54,6 +55,7 @@ impl Metrics {
             applied_index: Gauge::default(),
             apply_lag: Gauge::default(),
             znodes: Gauge::default(),
+            claim_wakeups: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -111,6 +113,11 @@ impl Metrics {
             "znodes",
             "Number of znodes, the root included",
             m.znodes.clone(),
+        );
+        registry.register(
+            "claim_wakeups",
+            "Lock and election waiters woken by their predecessor's deletion",
+            m.claim_wakeups.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -8,17 +8,21 @@ use anyhow::Context;
 use kord_api::peer::peer_server::PeerServer;
 use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::cluster_server::ClusterServer;
+use kord_api::v1::election_server::ElectionServer;
 use kord_api::v1::kv_server::KvServer;
 use kord_api::v1::lease_server::LeaseServer;
+use kord_api::v1::lock_server::LockServer;
 use kord_api::v1::watch_server::WatchServer;
 use kord_api::v1::AddMemberRequest;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::claims::Claims;
 use crate::config::{Bootstrap, Config};
 use crate::grpc::cluster::ClusterService;
 use crate::grpc::kv::KvService;
 use crate::grpc::lease::LeaseService;
+use crate::grpc::lock::LockService;
 use crate::grpc::watch::WatchService;
 use crate::http::{self, HttpContext};
 use crate::liveness::Liveness;
@@ -108,11 +112,22 @@ pub async fn run(
         config.reap_interval,
         config.event_retention,
     );
+    let lock = LockService {
+        id: config.id,
+        raft: raft.clone(),
+        claims: Claims::new(
+            proposer.clone(),
+            state.clone(),
+            hub.clone(),
+            metrics.clone(),
+        ),
+        metrics: metrics.clone(),
+    };
     let watch = WatchService {
         id: config.id,
         raft: raft.clone(),
         ctx: Arc::new(WatchContext {
-            hub,
+            hub: hub.clone(),
             log: event_log,
             progress_interval: config.watch_progress_interval,
         }),
@@ -135,6 +150,8 @@ pub async fn run(
         .add_service(ClusterServer::new(cluster))
         .add_service(LeaseServer::new(lease))
         .add_service(WatchServer::new(watch))
+        .add_service(LockServer::new(lock.clone()))
+        .add_service(ElectionServer::new(lock))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(client_listener),
             stopped(stop_rx.clone()),

@@ -2,6 +2,7 @@
 //! pieces can be unit-tested.
 
 mod output;
+mod recipes;
 pub mod txn;
 
 use std::io::{self, Read, Write};
@@ -169,6 +170,46 @@ pub enum Command {
     /// Forget the events of every revision up to and including REV; prints the compaction
     /// point (watches can no longer start at or below it).
     Compact { rev: u64 },
+    /// Acquire a distributed lock and print its fencing token (`-o json`: `{"key",
+    /// "fencing_token"}`).
+    ///
+    /// With COMMAND: runs it with KORD_FENCING_TOKEN and KORD_LOCK_KEY set, releases the lock
+    /// when it exits and exits with its code. Without: holds the lock until SIGINT/SIGTERM,
+    /// then releases it and exits 0. If the session expires while holding, the lock is lost:
+    /// the command is killed and kordctl exits 1. Interrupted while waiting: exits 130.
+    Lock {
+        /// The lock's name (one path component).
+        name: String,
+        /// Requested session timeout (the server clamps it) [default: 10s].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        session_timeout: Option<Duration>,
+        /// Give up (exit 1) if the lock is not acquired within DURATION [default: wait
+        /// forever]. (`--timeout` is the global per-request deadline.)
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        /// The command to run while holding the lock, after `--`.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Campaign in a leader election with VALUE; prints `leader KEY token N` once elected and
+    /// leads until SIGINT/SIGTERM (then resigns, exit 0). Exits 1 as soon as the session is
+    /// disconnected or expired, since leadership can then no longer be trusted.
+    ///
+    /// With --observe: prints the leader (`KEY VALUE`, or `none`; `-o json`: one object per
+    /// line) and then every change, until killed.
+    Elect {
+        /// The election's name (one path component).
+        name: String,
+        /// This candidate's value, published while it leads.
+        #[arg(required_unless_present = "observe")]
+        value: Option<String>,
+        /// Watch the election instead of campaigning.
+        #[arg(long, conflicts_with_all = ["value", "session_timeout"])]
+        observe: bool,
+        /// Requested session timeout (the server clamps it) [default: 10s].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        session_timeout: Option<Duration>,
+    },
 }
 
 /// An event type for `watch --types`.
@@ -253,6 +294,18 @@ pub enum CliError {
     /// The lease kept alive by `lease keepalive` is gone.
     #[error("lease {0} lost: revoked or expired")]
     LeaseLost(u64),
+    /// The session held by `lock` expired while holding the lock.
+    #[error("session expired: lock lost")]
+    LockLost,
+    /// `lock --wait` gave up.
+    #[error("lock {0} not acquired in time")]
+    LockTimeout(String),
+    /// `elect` lost its session's connection (or the session) while leading.
+    #[error("session disconnected or expired: leadership lost")]
+    LeadershipLost,
+    /// Exit with this code, printing nothing (a child's exit code, an interrupt).
+    #[error("exit {0}")]
+    Exit(u8),
     /// Bad input that clap could not catch (txn op syntax, unreadable data file).
     #[error("{0}")]
     Usage(String),
@@ -261,9 +314,13 @@ pub enum CliError {
 impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            CliError::Kord(_) | CliError::SessionExpired | CliError::LeaseLost(_) => {
-                ExitCode::from(1)
-            }
+            CliError::Kord(_)
+            | CliError::SessionExpired
+            | CliError::LeaseLost(_)
+            | CliError::LockLost
+            | CliError::LockTimeout(_)
+            | CliError::LeadershipLost => ExitCode::from(1),
+            CliError::Exit(code) => ExitCode::from(*code),
             CliError::Usage(_) => ExitCode::from(2),
         }
     }
@@ -277,7 +334,9 @@ pub async fn main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("kordctl: {err}");
+            if !matches!(err, CliError::Exit(_)) {
+                eprintln!("kordctl: {err}");
+            }
             err.exit_code()
         }
     }
@@ -414,6 +473,30 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
                 prev_value: prev,
             };
             watch(&client, &path, options, json).await?
+        }
+        Command::Lock {
+            name,
+            session_timeout,
+            wait,
+            command,
+        } => {
+            let timeout = session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
+            recipes::lock(&client, &name, timeout, wait, command, json).await?
+        }
+        Command::Elect {
+            name,
+            observe: true,
+            ..
+        } => recipes::observe(&client, &name, json).await?,
+        Command::Elect {
+            name,
+            value,
+            session_timeout,
+            ..
+        } => {
+            let timeout = session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
+            let value = value.unwrap_or_default().into_bytes();
+            recipes::elect(&client, &name, value, timeout, json).await?
         }
         Command::Compact { rev } => {
             let compacted = client.compact(rev).await?;
@@ -846,6 +929,61 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["kordctl", "compact", "42"]).unwrap();
         assert!(matches!(cli.command, Command::Compact { rev: 42 }));
+    }
+
+    #[test]
+    fn parses_lock_and_elect() {
+        let cli = Cli::try_parse_from(["kordctl", "lock", "jobs"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Lock { ref name, wait: None, ref command, .. } if name == "jobs" && command.is_empty()
+        ));
+        let cli = Cli::try_parse_from([
+            "kordctl",
+            "--timeout",
+            "2s",
+            "lock",
+            "jobs",
+            "--wait",
+            "3s",
+            "--session-timeout",
+            "5s",
+            "--",
+            "sh",
+            "-c",
+            "echo $KORD_FENCING_TOKEN",
+        ])
+        .unwrap();
+        assert_eq!(cli.timeout, Duration::from_secs(2));
+        let Command::Lock {
+            wait,
+            session_timeout,
+            command,
+            ..
+        } = cli.command
+        else {
+            panic!("not lock");
+        };
+        assert_eq!(wait, Some(Duration::from_secs(3)));
+        assert_eq!(session_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(command, ["sh", "-c", "echo $KORD_FENCING_TOKEN"]);
+
+        let cli = Cli::try_parse_from(["kordctl", "elect", "e", "me"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Elect { observe: false, value: Some(ref v), .. } if v == "me"
+        ));
+        let cli = Cli::try_parse_from(["kordctl", "elect", "--observe", "e"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Elect {
+                observe: true,
+                value: None,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["kordctl", "elect", "e"]).is_err());
+        assert!(Cli::try_parse_from(["kordctl", "elect", "--observe", "e", "v"]).is_err());
     }
 
     #[test]

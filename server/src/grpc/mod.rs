@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod convert;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod watch;
 
 use tonic::{Code, Status};
@@ -55,6 +56,12 @@ pub enum EdgeError {
     },
     #[error("lease {id} not found: never granted, revoked, or expired")]
     LeaseNotFound { id: u64 },
+    #[error("claim {key} is gone: lease {lease} expired or was revoked")]
+    ClaimGone { key: String, lease: u64 },
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    Timeout(String),
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error(transparent)]
@@ -75,9 +82,11 @@ impl From<EdgeError> for Status {
             | EdgeError::TooManyOps { .. }
             | EdgeError::OutOfBounds { .. }
             | EdgeError::InvalidArgument(_) => Status::invalid_argument(message),
-            EdgeError::NoNode { .. } | EdgeError::LeaseNotFound { .. } => {
-                Status::not_found(message)
-            }
+            EdgeError::NoNode { .. }
+            | EdgeError::LeaseNotFound { .. }
+            | EdgeError::ClaimGone { .. } => Status::not_found(message),
+            EdgeError::PermissionDenied(_) => Status::permission_denied(message),
+            EdgeError::Timeout(_) => Status::deadline_exceeded(message),
             EdgeError::WriteIdReused => Status::failed_precondition(message),
             EdgeError::Propose(_) => Status::unavailable(message),
             EdgeError::Apply(ref apply) => {
