@@ -1,0 +1,392 @@
+//! Locks and elections on real processes: FIFO hand-off with one wake-up per release,
+//! strictly increasing fencing tokens, timeouts that withdraw the claim, ownership checks,
+//! and mutual exclusion of `kordctl lock` holders through kills, a leader kill and a pause.
+
+use std::time::{Duration, Instant};
+
+use kord_e2e::v1::election_client::ElectionClient;
+use kord_e2e::v1::lease_client::LeaseClient;
+use kord_e2e::v1::lock_client::LockClient;
+use kord_e2e::v1::{
+    CampaignRequest, LeaderRequest, LeaseGrantRequest, LockRequest, ProclaimRequest, ResignRequest,
+    UnlockRequest,
+};
+use kord_e2e::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+async fn lease(c: &Cluster, id: u64) -> u64 {
+    LeaseClient::new(c.channel(id))
+        .grant(LeaseGrantRequest {
+            ttl_ms: 60_000,
+            ..Default::default()
+        })
+        .await
+        .expect("grant")
+        .into_inner()
+        .id
+}
+
+fn lock_req(name: &str, lease_id: u64, timeout_ms: u64) -> LockRequest {
+    LockRequest {
+        name: name.into(),
+        lease_id,
+        timeout_ms,
+    }
+}
+
+async fn wakeups(c: &Cluster, id: u64) -> u64 {
+    let body = http_get(c.http_addr(id), "/metrics")
+        .await
+        .expect("metrics")
+        .body;
+    body.lines()
+        .find(|l| l.starts_with("kord_claim_wakeups_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("kord_claim_wakeups_total in /metrics") as u64
+}
+
+async fn queue_len(c: &Cluster, id: u64, name: &str) -> usize {
+    children(&mut c.kv(id), &format!("/kord/locks/{name}"), LINEARIZABLE)
+        .await
+        .map(|r| r.names.len())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_hand_off_in_order_with_one_wakeup_each() {
+    let c = Cluster::start(1, ClusterOpts::default()).await;
+    let ch: Channel = c.channel(1);
+    let (a, b, d) = (lease(&c, 1).await, lease(&c, 1).await, lease(&c, 1).await);
+    let mut locks = LockClient::new(ch.clone());
+    let held = locks
+        .lock(lock_req("L", a, 0))
+        .await
+        .expect("a locks")
+        .into_inner();
+
+    // A bounded wait gives up and leaves no claim behind.
+    let err = locks
+        .lock(lock_req("L", b, 300))
+        .await
+        .expect_err("b times out");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    wait_until("b's claim withdrawn", T, || async {
+        if queue_len(&c, 1, "L").await == 1 {
+            Ok(())
+        } else {
+            Err("queue".into())
+        }
+    })
+    .await;
+
+    // B, then D, queue up; releases hand the lock on in that order.
+    let mut lb = LockClient::new(ch.clone());
+    let wait_b = tokio::spawn(async move { lb.lock(lock_req("L", b, 0)).await });
+    wait_until("b queued", T, || async {
+        if queue_len(&c, 1, "L").await == 2 {
+            Ok(())
+        } else {
+            Err("queue".into())
+        }
+    })
+    .await;
+    let mut ld = LockClient::new(ch.clone());
+    let wait_d = tokio::spawn(async move { ld.lock(lock_req("L", d, 0)).await });
+    wait_until("d queued", T, || async {
+        if queue_len(&c, 1, "L").await == 3 {
+            Ok(())
+        } else {
+            Err("queue".into())
+        }
+    })
+    .await;
+
+    let before = wakeups(&c, 1).await;
+    let wrong = locks
+        .unlock(UnlockRequest {
+            key: held.key.clone(),
+            lease_id: b,
+        })
+        .await
+        .expect_err("b cannot unlock a's claim");
+    assert_eq!(wrong.code(), Code::PermissionDenied, "{wrong}");
+    locks
+        .unlock(UnlockRequest {
+            key: held.key.clone(),
+            lease_id: a,
+        })
+        .await
+        .expect("a unlocks");
+    let got_b = wait_b.await.expect("join").expect("b locks").into_inner();
+    assert!(got_b.fencing_token > held.fencing_token);
+    assert!(!wait_d.is_finished(), "d got the lock while b held it");
+    assert_eq!(
+        wakeups(&c, 1).await - before,
+        1,
+        "one release woke more than one waiter"
+    );
+
+    // The holder's session ends: the next waiter gets the lock, with a higher token.
+    LeaseClient::new(ch.clone())
+        .revoke(kord_e2e::v1::LeaseRevokeRequest {
+            id: b,
+            ..Default::default()
+        })
+        .await
+        .expect("revoke b");
+    let got_d = tokio::time::timeout(T, wait_d)
+        .await
+        .expect("d in time")
+        .expect("join")
+        .expect("d locks")
+        .into_inner();
+    assert!(got_d.fencing_token > got_b.fencing_token);
+    assert_eq!(wakeups(&c, 1).await - before, 2);
+    let gone = locks
+        .unlock(UnlockRequest {
+            key: got_b.key,
+            lease_id: b,
+        })
+        .await
+        .expect_err("b's claim is gone");
+    assert_eq!(gone.code(), Code::NotFound);
+    let bad = locks
+        .lock(lock_req("a/b", d, 0))
+        .await
+        .expect_err("bad name");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_campaign_proclaim_observe_resign() {
+    let c = Cluster::start(3, ClusterOpts::default()).await;
+    let leader_member = c.leader().await;
+    let follower = c.followers().await[0];
+    let (a, b) = (
+        lease(&c, leader_member).await,
+        lease(&c, leader_member).await,
+    );
+    let mut e = ElectionClient::new(c.channel(follower));
+    let mut observe = ElectionClient::new(c.channel(follower))
+        .observe(LeaderRequest { name: "E".into() })
+        .await
+        .expect("observe")
+        .into_inner();
+    let first = observe.message().await.expect("observe").expect("first");
+    assert!(first.leader.is_none(), "nobody leads yet");
+
+    let la = e
+        .campaign(CampaignRequest {
+            name: "E".into(),
+            lease_id: a,
+            value: b"a".to_vec(),
+            timeout_ms: 0,
+        })
+        .await
+        .expect("a campaigns")
+        .into_inner()
+        .leader
+        .expect("leader key");
+    let mut eb = ElectionClient::new(c.channel(leader_member));
+    let wait_b = tokio::spawn(async move {
+        eb.campaign(CampaignRequest {
+            name: "E".into(),
+            lease_id: b,
+            value: b"b".to_vec(),
+            timeout_ms: 0,
+        })
+        .await
+    });
+    let now = e
+        .leader(LeaderRequest { name: "E".into() })
+        .await
+        .expect("leader")
+        .into_inner();
+    assert_eq!(
+        (
+            now.leader.as_ref().map(|l| l.key.clone()),
+            now.value.clone()
+        ),
+        (Some(la.key.clone()), b"a".to_vec())
+    );
+    e.proclaim(ProclaimRequest {
+        leader: Some(la.clone()),
+        value: b"a2".to_vec(),
+    })
+    .await
+    .expect("proclaim");
+    let mut seen = Vec::new();
+    while seen.last().map(|v: &Vec<u8>| v.as_slice()) != Some(b"a2") {
+        let r = tokio::time::timeout(T, observe.message())
+            .await
+            .expect("observe in time")
+            .expect("observe")
+            .expect("update");
+        seen.push(r.value);
+    }
+    e.resign(ResignRequest {
+        leader: Some(la.clone()),
+    })
+    .await
+    .expect("resign");
+    let lb = tokio::time::timeout(T, wait_b)
+        .await
+        .expect("b elected in time")
+        .expect("join")
+        .expect("b")
+        .into_inner()
+        .leader
+        .expect("key");
+    assert!(lb.fencing_token > la.fencing_token);
+    let denied = e
+        .proclaim(ProclaimRequest {
+            leader: Some(la),
+            value: b"stale".to_vec(),
+        })
+        .await
+        .expect_err("a no longer leads");
+    assert!(
+        matches!(denied.code(), Code::NotFound | Code::PermissionDenied),
+        "{denied}"
+    );
+    loop {
+        let r = tokio::time::timeout(T, observe.message())
+            .await
+            .expect("observe in time")
+            .expect("observe")
+            .expect("update");
+        if r.leader.as_ref().map(|l| l.key.as_str()) == Some(lb.key.as_str()) {
+            assert_eq!(r.value, b"b");
+            break;
+        }
+    }
+}
+
+/// `kordctl lock` holders append to a shared log under the lock through a guard that refuses
+/// stale fencing tokens; holders are killed, paused past their session and the leader dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kordctl_lock_holders_never_overlap_through_chaos() {
+    let mut c = Cluster::start(3, ClusterOpts::new().args(["--session-timeout-min", "1s"])).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("work.log");
+    let guard = dir.path().join("highest-token");
+    std::fs::write(&guard, "0").expect("guard file");
+    // The guarded resource: under flock, refuse a token below the highest seen, else record
+    // enter, work for a moment, record exit.
+    let script = format!(
+        r#"set -e
+exec 9>"{g}.lock"
+accept() {{ flock 9; hi=$(cat "{g}"); if [ "$KORD_FENCING_TOKEN" -lt "$hi" ]; then echo "reject $KORD_FENCING_TOKEN" >> "{l}"; flock -u 9; exit 3; fi; echo "$KORD_FENCING_TOKEN" > "{g}"; echo "$1 $KORD_FENCING_TOKEN $(date +%s%N)" >> "{l}"; flock -u 9; }}
+accept enter
+sleep 0.2
+accept exit"#,
+        g = guard.display(),
+        l = log.display()
+    );
+    let spawn_holder = |c: &Cluster| {
+        tokio::process::Command::new(kordctl_bin())
+            .args([
+                "--endpoints",
+                &c.endpoints_csv(),
+                "lock",
+                "work",
+                "--session-timeout",
+                "2s",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn kordctl lock")
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut holders: Vec<tokio::process::Child> = (0..4).map(|_| spawn_holder(&c)).collect();
+    let mut round = 0u32;
+    while Instant::now() < deadline && round < 12 {
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        match round {
+            3 => {
+                let _ = holders[0].start_kill();
+            }
+            5 => {
+                let l = c.leader().await;
+                c.kill(l);
+                c.wait_for_leader(Duration::from_secs(20)).await;
+                c.restart(l).await;
+            }
+            7 => {
+                // Paused well past its 2 s session: it must not write on waking up.
+                if let Some(pid) = holders[1].id() {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-STOP", &pid.to_string()])
+                        .status();
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    let _ = std::process::Command::new("kill")
+                        .args(["-CONT", &pid.to_string()])
+                        .status();
+                }
+            }
+            _ => {}
+        }
+        for h in holders.iter_mut() {
+            if let Ok(Some(_)) = h.try_wait() {
+                *h = spawn_holder(&c);
+            }
+        }
+    }
+    for mut h in holders {
+        let _ = h.start_kill();
+        let _ = h.wait().await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // Accepted work is ordered by token; a newer holder may only enter over an unfinished
+    // interval whose holder was killed or paused (at most the two such faults above), and a
+    // stale holder's later write is refused, never accepted.
+    let mut open: Option<u64> = None;
+    let mut last_token = 0u64;
+    let mut works = 0;
+    let mut superseded = 0;
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["enter", token, _] => {
+                let token: u64 = token.parse().expect("token");
+                assert!(
+                    token > last_token,
+                    "token {token} after {last_token}:\n{text}"
+                );
+                if open.is_some() {
+                    superseded += 1;
+                }
+                open = Some(token);
+                last_token = token;
+            }
+            ["exit", token, _] => {
+                let token: u64 = token.parse().expect("token");
+                assert_eq!(
+                    Some(token),
+                    open,
+                    "exit of {token} accepted while {open:?} held:\n{text}"
+                );
+                open = None;
+                works += 1;
+            }
+            ["reject", _] => {}
+            _ => panic!("unexpected line {line:?}"),
+        }
+    }
+    assert!(
+        superseded <= 2,
+        "{superseded} intervals overlapped by a newer holder:\n{text}"
+    );
+    assert!(works >= 5, "only {works} completed pieces of work:\n{text}");
+}
