@@ -364,12 +364,15 @@ async fn ephemeral_deletions_on_expiry_reach_watchers() {
     }
 }
 
+/// What a watcher received: each revision with its events, in arrival order.
+type RecordedLog = Arc<Mutex<Vec<(u64, Vec<Event>)>>>;
+
 /// A watcher that follows the whole tree from revision 1, resuming on another member after
 /// any failure, and records every message it is given.
 async fn follow(
     channels: Vec<Channel>,
     first: usize,
-    log: Arc<Mutex<Vec<(u64, Vec<Event>)>>>,
+    log: RecordedLog,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> usize {
     let mut member = first;
