@@ -1,0 +1,440 @@
+//! `kord-bench compare`: installs the peers if missing, starts 1- and 3-member setups of Kord,
+//! etcd and ZooKeeper on 127.0.0.1, runs the same matrix against each, stops everything it
+//! started and prints a Markdown table with Kord's ratio to each peer.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cluster::{Cluster, ETCD_BIN, JAVA_BIN, ZK_JAR};
+use crate::config::{RunConfig, Target, Workload};
+use crate::report::{fmt_cpu, fmt_ms, fmt_num, Report};
+
+/// One row of the matrix.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub workload: Workload,
+    pub clients: usize,
+    pub connections: usize,
+    pub rate: Option<f64>,
+    pub watchers: usize,
+}
+
+impl Row {
+    fn new(workload: Workload, clients: usize, connections: usize) -> Row {
+        Row {
+            workload,
+            clients,
+            connections,
+            rate: None,
+            watchers: 1000,
+        }
+    }
+
+    fn at(mut self, rate: f64) -> Row {
+        self.rate = Some(rate);
+        self
+    }
+
+    /// Rows whose figure is latency at a given rate rather than throughput.
+    pub fn is_latency_row(&self) -> bool {
+        self.rate.is_some() || self.workload.is_watch()
+    }
+
+    pub fn label(&self) -> String {
+        let c = |n: usize| format!("{n} client{}", if n == 1 { "" } else { "s" });
+        match self.workload {
+            Workload::Watch => format!(
+                "watch, 1 watcher, {} writes/s: write to event",
+                self.rate.unwrap_or(50.0)
+            ),
+            Workload::WatchFanout => format!(
+                "watch, {} watchers on one key, {} writes/s: write to last event",
+                self.watchers,
+                self.rate.unwrap_or(50.0)
+            ),
+            Workload::Lock => format!("lock acquire+release, {}, uncontended", c(self.clients)),
+            Workload::LockContended => {
+                format!("lock, {} on one lock: hand-offs/s", c(self.clients))
+            }
+            Workload::Lease => format!(
+                "lease grant+revoke (ZK: session open+close), {}",
+                c(self.clients)
+            ),
+            w => match self.rate {
+                Some(r) => format!("{w}, {} at {r} ops/s", c(self.clients)),
+                None => format!("{w}, {}", c(self.clients)),
+            },
+        }
+    }
+
+    fn key(&self) -> (Workload, usize, u64) {
+        (
+            self.workload,
+            self.clients,
+            self.rate.map(|r| r as u64).unwrap_or(0),
+        )
+    }
+}
+
+/// The default matrix: 1 and 64 clients for the write and read rows (as in the reference
+/// figures), equal-rate latency rows, then watches, locks and leases.
+pub fn default_rows() -> Vec<Row> {
+    use Workload::*;
+    let mut rows = Vec::new();
+    for w in [Write, Create, Read, ReadLocal] {
+        rows.push(Row::new(w, 1, 1));
+        rows.push(Row::new(w, 64, 8));
+    }
+    rows.push(Row::new(Write, 8, 1).at(500.0));
+    rows.push(Row::new(Read, 8, 1).at(1000.0));
+    rows.push(Row::new(Watch, 1, 1).at(50.0));
+    rows.push(Row::new(WatchFanout, 1, 8).at(50.0));
+    rows.push(Row::new(Lock, 1, 1));
+    rows.push(Row::new(LockContended, 8, 8));
+    rows.push(Row::new(Lease, 1, 1));
+    rows
+}
+
+/// Settings of a comparison.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub sizes: Vec<usize>,
+    pub targets: Vec<Target>,
+    /// Restrict the matrix to these workloads (all when empty).
+    pub workloads: Vec<Workload>,
+    pub value_size: usize,
+    pub keys: usize,
+    pub watchers: usize,
+    pub kord_bin: PathBuf,
+    /// Install missing peers with apt-get (only as root).
+    pub install: bool,
+    /// Also write the JSON lines here.
+    pub json_out: Option<PathBuf>,
+    /// Keep data dirs and logs here instead of a temporary directory.
+    pub work_dir: Option<PathBuf>,
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn installed(target: Target) -> bool {
+    match target {
+        Target::Kord => true,
+        Target::Etcd => Path::new(ETCD_BIN).is_file(),
+        Target::Zookeeper => Path::new(ZK_JAR).is_file() && Path::new(JAVA_BIN).is_file(),
+    }
+}
+
+fn package(target: Target) -> &'static str {
+    match target {
+        Target::Kord => "",
+        Target::Etcd => "etcd-server",
+        Target::Zookeeper => "zookeeper",
+    }
+}
+
+/// Installs missing peers with apt-get when allowed and running as root; returns why each
+/// still-missing target cannot run.
+fn ensure_installed(targets: &[Target], install: bool) -> HashMap<Target, String> {
+    let missing: Vec<Target> = targets.iter().copied().filter(|t| !installed(*t)).collect();
+    let mut why = HashMap::new();
+    if missing.is_empty() {
+        return why;
+    }
+    let pkgs: Vec<&str> = missing.iter().map(|t| package(*t)).collect();
+    if install && is_root() {
+        eprintln!("installing {} with apt-get", pkgs.join(" "));
+        let run = |args: &[&str]| {
+            std::process::Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !run(&["update", "-q"]) {
+            eprintln!("apt-get update failed");
+        }
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&pkgs);
+        if !run(&args) {
+            eprintln!("apt-get install {} failed", pkgs.join(" "));
+        }
+    } else {
+        eprintln!(
+            "missing: {}. Install them with: sudo apt-get install {}",
+            pkgs.join(", "),
+            pkgs.join(" ")
+        );
+    }
+    for t in missing {
+        if !installed(t) {
+            why.insert(
+                t,
+                format!("{} is not installed (apt-get install {})", t, package(t)),
+            );
+        }
+    }
+    why
+}
+
+/// Runs the whole comparison; returns every report (JSON lines went to stdout as they came).
+/// Ctrl-C or SIGTERM stops it: the clusters are dropped, which kills their processes.
+pub async fn compare(opts: &CompareOptions, rows: &[Row]) -> anyhow::Result<Vec<Report>> {
+    let interrupted = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    };
+    tokio::select! {
+        r = compare_inner(opts, rows) => r,
+        _ = interrupted => anyhow::bail!("interrupted: stopped every process it started"),
+    }
+}
+
+async fn compare_inner(opts: &CompareOptions, rows: &[Row]) -> anyhow::Result<Vec<Report>> {
+    let unavailable = ensure_installed(&opts.targets, opts.install);
+    let tmp;
+    let root: PathBuf = match &opts.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("kord-bench-").tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let mut json = match &opts.json_out {
+        Some(p) => Some(std::fs::File::create(p)?),
+        None => None,
+    };
+    let rows: Vec<Row> = rows
+        .iter()
+        .filter(|r| opts.workloads.is_empty() || opts.workloads.contains(&r.workload))
+        .cloned()
+        .map(|mut r| {
+            r.watchers = opts.watchers;
+            r
+        })
+        .collect();
+    let mut reports = Vec::new();
+    for &size in &opts.sizes {
+        for &target in &opts.targets {
+            let setup = format!("{size} node{}", if size == 1 { "" } else { "s" });
+            let make_cfg = |row: &Row, endpoints: Vec<String>, pids: Vec<u32>| {
+                let mut cfg = RunConfig::new(target, endpoints, row.workload);
+                cfg.clients = row.clients;
+                cfg.connections = row.connections;
+                cfg.rate = row.rate;
+                cfg.watchers = row.watchers;
+                cfg.duration = opts.duration;
+                cfg.warmup = opts.warmup;
+                cfg.value_size = opts.value_size;
+                cfg.keys = opts.keys;
+                cfg.server_pids = pids;
+                cfg.setup = setup.clone();
+                cfg
+            };
+            let mut emit = |r: Report| -> anyhow::Result<()> {
+                eprintln!("{}", r.summary());
+                println!("{}", r.to_json_line());
+                if let Some(f) = json.as_mut() {
+                    writeln!(f, "{}", r.to_json_line())?;
+                }
+                reports.push(r);
+                Ok(())
+            };
+            let runnable: Vec<&Row> = rows
+                .iter()
+                .filter(|r| r.workload.unsupported_on(target).is_none())
+                .collect();
+            // Rows the target cannot run need no cluster.
+            for row in rows
+                .iter()
+                .filter(|r| r.workload.unsupported_on(target).is_some())
+            {
+                emit(Report::not_available(
+                    &make_cfg(row, vec!["-".into()], vec![]),
+                    row.workload.unsupported_on(target).unwrap_or_default(),
+                ))?;
+            }
+            if runnable.is_empty() {
+                continue;
+            }
+            if let Some(why) = unavailable.get(&target) {
+                for row in runnable {
+                    emit(Report::not_available(
+                        &make_cfg(row, vec!["-".into()], vec![]),
+                        why.clone(),
+                    ))?;
+                }
+                continue;
+            }
+            eprintln!("starting {target} ({setup}) under {}", root.display());
+            let cluster = match Cluster::start(target, size, &root, &opts.kord_bin).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("could not start {target} ({setup}): {e:#}");
+                    for row in runnable {
+                        emit(Report::not_available(
+                            &make_cfg(row, vec!["-".into()], vec![]),
+                            format!("did not start: {e:#}"),
+                        ))?;
+                    }
+                    continue;
+                }
+            };
+            for row in runnable {
+                let cfg = make_cfg(row, cluster.endpoints.clone(), cluster.pids());
+                let report = match crate::run(&cfg).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let mut r = Report::not_available(&cfg, format!("failed: {e:#}"));
+                        r.status = "error".into();
+                        r
+                    }
+                };
+                emit(report)?;
+            }
+            cluster.stop();
+        }
+    }
+    Ok(reports)
+}
+
+/// Whether two reports fill the same table cell (setup, target and matrix row).
+pub fn same_cell(a: &Report, b: &Report) -> bool {
+    a.setup == b.setup
+        && a.target == b.target
+        && a.workload == b.workload
+        && a.clients == b.clients
+        && a.rate.map(|x| x as u64) == b.rate.map(|x| x as u64)
+}
+
+/// The Markdown tables: one per setup, a row per matrix row, a column per target and Kord's
+/// ratio to each peer.
+pub fn markdown(reports: &[Report], rows: &[Row]) -> String {
+    let mut setups: Vec<String> = Vec::new();
+    for r in reports {
+        if !setups.contains(&r.setup) {
+            setups.push(r.setup.clone());
+        }
+    }
+    let find = |setup: &str, target: Target, row: &Row| {
+        reports.iter().find(|r| {
+            r.setup == setup
+                && r.target == target
+                && (r.workload, r.clients, r.rate.map(|x| x as u64).unwrap_or(0)) == row.key()
+        })
+    };
+    let mut out = String::new();
+    out.push_str(
+        "Cells: throughput rows `ops/s (p50 / p99 ms)`, latency rows (fixed rate, watches) \
+         `p50 / p99 ms`; `srv` = server CPU seconds over the measured window. Ratios are \
+         Kord ÷ peer: ops/s for throughput rows (above 1: Kord faster), p99 for latency rows \
+         (below 1: Kord faster).\n",
+    );
+    for setup in &setups {
+        out.push_str(&format!(
+            "\n### {setup}\n\n| workload | Kord | etcd | ZooKeeper | Kord ÷ etcd | Kord ÷ ZooKeeper |\n|---|---|---|---|---|---|\n"
+        ));
+        for row in rows {
+            let cells: Vec<Option<&Report>> =
+                Target::ALL.iter().map(|t| find(setup, *t, row)).collect();
+            if cells.iter().all(|c| c.is_none()) {
+                continue;
+            }
+            let mut line = format!("| {} |", row.label());
+            for c in &cells {
+                line.push_str(&format!(" {} |", cell(*c, row)));
+            }
+            for peer in &cells[1..] {
+                line.push_str(&format!(" {} |", ratio(cells[0], *peer, row)));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn ok(r: Option<&Report>) -> Option<&Report> {
+    r.filter(|r| r.status == "ok")
+}
+
+fn cell(r: Option<&Report>, row: &Row) -> String {
+    let Some(r) = r else { return "-".into() };
+    match r.status.as_str() {
+        "n/a" => return "n/a".into(),
+        "error" => return "error".into(),
+        _ => {}
+    }
+    if r.ops == Some(0) {
+        let mut s = "no op completed in the window".to_string();
+        if let Some(e) = r.errors.filter(|e| *e > 0) {
+            s.push_str(&format!(", {e} err"));
+        }
+        return s;
+    }
+    let mut s = if row.is_latency_row() {
+        format!("{} / {}", fmt_ms(r.p50_ms), fmt_ms(r.p99_ms))
+    } else {
+        format!(
+            "{} ({} / {})",
+            fmt_num(r.ops_per_sec),
+            fmt_ms(r.p50_ms),
+            fmt_ms(r.p99_ms)
+        )
+    };
+    if let (Some(want), Some(got)) = (row.rate, r.ops_per_sec) {
+        if got < 0.9 * want {
+            let what = if row.workload.is_watch() {
+                "writes/s"
+            } else {
+                "ops/s"
+            };
+            s.push_str(&format!(", only {got:.0} {what}"));
+        }
+    }
+    if let Some(e) = r.errors.filter(|e| *e > 0) {
+        s.push_str(&format!(", {e} err"));
+    }
+    s.push_str(&format!(", srv {}", fmt_cpu(r.server_cpu_s)));
+    s
+}
+
+fn ratio(kord: Option<&Report>, peer: Option<&Report>, row: &Row) -> String {
+    let (Some(k), Some(p)) = (ok(kord), ok(peer)) else {
+        return "n/a".into();
+    };
+    let (a, b) = if row.is_latency_row() {
+        (k.p99_ms, p.p99_ms)
+    } else {
+        (k.ops_per_sec, p.ops_per_sec)
+    };
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".into(),
+    }
+}
