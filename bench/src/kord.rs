@@ -1,7 +1,9 @@
 //! Kord through its own client, `kord-client`.
 
 use futures::future::BoxFuture;
-use kord_client::{Client, Consistency, CreateOptions, Error};
+use std::time::{Duration, Instant};
+
+use kord_client::{Client, Consistency, CreateOptions, Error, Mutex, Session};
 
 use crate::config::{RunConfig, Workload};
 use crate::run::{for_each_limited, key, uses_key_space, value, KeyPicker, StepResult, Worker};
@@ -57,17 +59,30 @@ async fn prepare(cfg: &RunConfig, client: &Client) -> anyhow::Result<()> {
 pub(crate) async fn workers(cfg: &RunConfig, id: &str) -> anyhow::Result<Vec<Box<dyn Worker>>> {
     let conns = connect(cfg).await?;
     prepare(cfg, &conns[0]).await?;
-    Ok((0..cfg.clients)
-        .map(|i| {
-            Box::new(KordWorker {
-                client: conns[i % conns.len()].clone(),
-                workload: cfg.workload,
-                keys: KeyPicker::new(i as u64 + 1, cfg.keys),
-                value: value(cfg.value_size, 0),
-                seq_prefix: format!("/bench/seq/{id}-"),
-            }) as Box<dyn Worker>
-        })
-        .collect())
+    let locking = matches!(cfg.workload, Workload::Lock | Workload::LockContended);
+    let mut out: Vec<Box<dyn Worker>> = Vec::with_capacity(cfg.clients);
+    for i in 0..cfg.clients {
+        let client = conns[i % conns.len()].clone();
+        // Lock workers each hold a session, as a real lock user would.
+        let session = if locking {
+            Some(client.session(Duration::from_secs(30)).await?)
+        } else {
+            None
+        };
+        out.push(Box::new(KordWorker {
+            client,
+            workload: cfg.workload,
+            keys: KeyPicker::new(i as u64 + 1, cfg.keys),
+            value: value(cfg.value_size, 0),
+            seq_prefix: format!("/bench/seq/{id}-"),
+            session,
+            lock_name: match cfg.workload {
+                Workload::LockContended => format!("bench-{id}-contended"),
+                _ => format!("bench-{id}-{i}"),
+            },
+        }));
+    }
+    Ok(out)
 }
 
 struct KordWorker {
@@ -76,6 +91,8 @@ struct KordWorker {
     keys: KeyPicker,
     value: Vec<u8>,
     seq_prefix: String,
+    session: Option<Session>,
+    lock_name: String,
 }
 
 impl Worker for KordWorker {
@@ -120,9 +137,30 @@ impl Worker for KordWorker {
                     Ok(grant) => self.client.lease_revoke(grant.id).await.map(|_| ()),
                     Err(e) => Err(e),
                 },
+                Workload::Lock | Workload::LockContended => {
+                    let Some(session) = self.session.as_ref() else {
+                        return Err("lock workers hold a session".into());
+                    };
+                    let t = Instant::now();
+                    let guard = Mutex::new(session, self.lock_name.clone())
+                        .lock()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let acquired = t.elapsed();
+                    guard.unlock().await.map_err(|e| e.to_string())?;
+                    return Ok(Some(acquired));
+                }
                 other => return Err(format!("{other} is not supported by kord")),
             };
             r.map(|()| None).map_err(|e| e.to_string())
+        })
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Some(session) = self.session {
+                let _ = session.close().await;
+            }
         })
     }
 }

@@ -55,7 +55,7 @@ async fn kord_smoke_run() {
     .expect("kord starts");
 
     let mut reports = Vec::new();
-    for workload in [Workload::Write, Workload::Read] {
+    for workload in [Workload::Write, Workload::Read, Workload::Lock] {
         let report = kord_bench::run(&config(&cluster, workload))
             .await
             .expect("run");
@@ -72,7 +72,7 @@ async fn kord_smoke_run() {
     }
 
     // What Kord cannot do yet is "n/a", never zero, and needs no server round trip.
-    let na = kord_bench::run(&config(&cluster, Workload::Lock))
+    let na = kord_bench::run(&config(&cluster, Workload::Watch))
         .await
         .expect("run");
     assert!(na.is_na());
@@ -91,7 +91,7 @@ async fn kord_smoke_run() {
             watchers: 1,
         },
         kord_bench::Row {
-            workload: Workload::Lock,
+            workload: Workload::Watch,
             clients: 4,
             connections: 2,
             rate: None,
@@ -99,11 +99,11 @@ async fn kord_smoke_run() {
         },
     ];
     let table = kord_bench::markdown(&reports, &rows);
-    let lock_line = table
+    let watch_line = table
         .lines()
-        .find(|l| l.starts_with("| lock"))
-        .expect("lock row");
-    assert!(lock_line.contains("n/a"), "{table}");
+        .find(|l| l.starts_with("| watch"))
+        .expect("watch row");
+    assert!(watch_line.contains("n/a"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("| write")), "{table}");
     cluster.stop();
 }
