@@ -100,13 +100,9 @@ impl Workload {
     }
 
     /// Why `target` cannot run this workload yet, or `None` when it can.
-    pub fn unsupported_on(self, target: Target) -> Option<&'static str> {
-        match (target, self) {
-            (Target::Kord, Workload::Watch | Workload::WatchFanout) => {
-                Some("Kord's watches are not wired into kord-bench yet (issue #5)")
-            }
-            _ => None,
-        }
+    pub fn unsupported_on(self, _target: Target) -> Option<&'static str> {
+        // Every target runs every workload today; a workload a target lacks is named here.
+        None
     }
 }
 

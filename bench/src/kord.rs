@@ -1,12 +1,18 @@
 //! Kord through its own client, `kord-client`.
 
 use futures::future::BoxFuture;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kord_client::{Client, Consistency, CreateOptions, Error, Mutex, Session};
+use kord_client::{
+    Client, Consistency, CreateOptions, Error, EventType, Mutex, Session, WatchEvent, WatchOptions,
+};
 
 use crate::config::{RunConfig, Workload};
-use crate::run::{for_each_limited, key, uses_key_space, value, KeyPicker, StepResult, Worker};
+use crate::run::{
+    for_each_limited, key, seq_of, uses_key_space, value, KeyPicker, StepResult, Tracker,
+    WatchSetup, Worker, Writer,
+};
 
 /// One client handle per connection (each has its own channel per endpoint).
 async fn connect(cfg: &RunConfig) -> anyhow::Result<Vec<Client>> {
@@ -163,4 +169,68 @@ impl Worker for KordWorker {
             }
         })
     }
+}
+
+struct KordWriter {
+    client: Client,
+    key: String,
+}
+
+impl Writer for KordWriter {
+    fn write(&mut self, value: Vec<u8>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.client
+                .set(&self.key, value, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Each watcher is its own watch stream (data changes of the key); the streams are spread
+/// over `connections` clients, and the writer has its own.
+pub(crate) async fn watch(
+    cfg: &RunConfig,
+    key: &str,
+    tracker: Arc<Tracker>,
+) -> anyhow::Result<WatchSetup> {
+    let writer = connect(cfg).await?.remove(0);
+    ensure(&writer, "/bench").await?;
+    match writer.create(key, value(cfg.value_size, 0)).await {
+        Ok(_) | Err(Error::NodeExists { .. }) => {}
+        Err(e) => anyhow::bail!("create {key}: {e}"),
+    }
+    let conns = connect(cfg).await?;
+    let mut tasks = Vec::new();
+    for w in 0..cfg.watcher_count() {
+        let options = WatchOptions {
+            types: vec![EventType::DataChanged],
+            ..WatchOptions::default()
+        };
+        let mut stream = conns[w % conns.len()]
+            .watch(key, options)
+            .await
+            .map_err(|e| anyhow::anyhow!("watch {key}: {e}"))?;
+        let tracker = Arc::clone(&tracker);
+        tasks.push(tokio::spawn(async move {
+            // Ends with the stream; otherwise aborted at the end of the run.
+            while let Some(Ok(item)) = stream.next().await {
+                if let WatchEvent::Events { events, .. } = item {
+                    for ev in &events {
+                        if let Some(seq) = seq_of(&ev.data) {
+                            tracker.hit(seq);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    Ok(WatchSetup {
+        writer: Box::new(KordWriter {
+            client: writer,
+            key: key.to_owned(),
+        }),
+        tasks,
+    })
 }

@@ -352,7 +352,7 @@ async fn run_watch(cfg: &RunConfig, id: &str) -> anyhow::Result<Report> {
     let setup = match cfg.target {
         Target::Etcd => etcd::watch(cfg, &key, Arc::clone(&tracker)).await,
         Target::Zookeeper => zk::watch(cfg, &key, Arc::clone(&tracker)).await,
-        Target::Kord => anyhow::bail!("kord has no watches"),
+        Target::Kord => kord::watch(cfg, &key, Arc::clone(&tracker)).await,
     }
     .with_context(|| format!("setting up {} {}", cfg.target, cfg.workload))?;
     let WatchSetup { mut writer, tasks } = setup;
