@@ -1,10 +1,14 @@
-//! The Raft log and vote in RocksDB. Appends, votes, truncations and purges are written with
-//! a synced WAL before openraft is told they are done: an acknowledged entry survives a crash.
+//! The Raft log and vote in RocksDB. An appended entry is reported persisted to openraft only
+//! after the WAL holding it was synced; votes, truncations and purges are written synced.
+//! Appends are group-committed: they are written at once (readable, not yet durable) and a
+//! flusher thread syncs the WAL once for every append that arrived meanwhile, then reports
+//! them all. openraft 0.9 appends each client write on its own, so this is where concurrent
+//! writes come to share an fsync.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -22,14 +26,50 @@ pub struct LogStore {
     /// The highest committed index openraft reported; shown in status and metrics.
     committed: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
+    /// Appends waiting for the next WAL sync.
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Syncs the WAL once per group of waiting appends and reports each of them. Runs on its own
+/// thread (fsync blocks) until every `LogStore` clone is gone.
+fn run_flusher(
+    db: Arc<DB>,
+    metrics: Arc<Metrics>,
+    waiting: mpsc::Receiver<LogFlushed<TypeConfig>>,
+) {
+    while let Ok(first) = waiting.recv() {
+        // Every append in this group wrote its batch before queueing its callback, so one sync
+        // started now makes all of them durable.
+        let mut group = vec![first];
+        group.extend(waiting.try_iter());
+        let start = Instant::now();
+        let result = db.flush_wal(true);
+        metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
+        for callback in group {
+            let outcome = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(format!("syncing the raft log: {e}"))),
+            };
+            callback.log_io_completed(outcome);
+        }
+    }
 }
 
 impl LogStore {
     pub fn new(db: Arc<DB>, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let (flusher, waiting) = mpsc::channel();
+        {
+            let (db, metrics) = (db.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name("kord-log-flush".into())
+                .spawn(move || run_flusher(db, metrics, waiting))
+                .map_err(|e| StoreError::Thread(e.to_string()))?;
+        }
         let store = LogStore {
             db,
             committed: Arc::new(AtomicU64::new(0)),
             metrics,
+            flusher,
         };
         if let Some(c) = store
             .read_meta::<Option<LogId>>(codec::COMMITTED)?
@@ -192,18 +232,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             for entry in entries {
                 batch.put_cf(cf, u64_key(entry.get_log_id().index), codec::encode(&entry));
             }
-            self.write_synced(batch)
+            // Readable at once; durable when the flusher's next sync completes.
+            self.db.write_opt(batch, &WriteOptions::default())?;
+            Ok(())
         };
-        let result = write().map_err(|e| std::io::Error::other(e.to_string()));
-        let failed = result
-            .as_ref()
-            .err()
-            .map(|e| std::io::Error::new(e.kind(), e.to_string()));
-        callback.log_io_completed(result);
-        match failed {
-            None => Ok(()),
-            Some(e) => Err(to_storage_error(ErrorSubject::Logs, ErrorVerb::Write, e)),
+        if let Err(e) = write() {
+            let io = std::io::Error::other(e.to_string());
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Err(to_storage_error(ErrorSubject::Logs, ErrorVerb::Write, io));
         }
+        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
+            // The flusher only stops when every store is gone; report rather than hang.
+            callback.log_io_completed(Err(std::io::Error::other("the log flusher stopped")));
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -48,6 +48,8 @@ pub enum StoreError {
         what: &'static str,
         source: postcard::Error,
     },
+    #[error("starting a storage thread: {0}")]
+    Thread(String),
     #[error("snapshot file {path}: {source}")]
     SnapshotFile {
         path: String,
