@@ -191,12 +191,12 @@ async fn paused_client_keeps_its_session_within_the_timeout_and_loses_it_after()
     let mut holder = EphemeralHolder::start(&c, "/paused", "3s").await;
 
     holder.signal("-STOP");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     holder.signal("-CONT");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         exists_on(&c, 1, "/paused").await,
-        "a 1.2 s pause within a 3 s timeout lost the session"
+        "a 0.8 s pause within a 3 s timeout lost the session"
     );
 
     holder.signal("-STOP");
