@@ -8,7 +8,7 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Weak};
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -33,7 +33,7 @@ pub struct LogStore {
 /// Syncs the WAL once per group of waiting appends and reports each of them. Runs on its own
 /// thread (fsync blocks) until every `LogStore` clone is gone.
 fn run_flusher(
-    db: Arc<DB>,
+    db: Weak<DB>,
     metrics: Arc<Metrics>,
     waiting: mpsc::Receiver<LogFlushed<TypeConfig>>,
 ) {
@@ -43,7 +43,10 @@ fn run_flusher(
         let mut group = vec![first];
         group.extend(waiting.try_iter());
         let start = Instant::now();
-        let result = db.flush_wal(true);
+        let result = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+            None => Err("the database is closed".to_owned()),
+        };
         metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
         for callback in group {
             let outcome = match &result {
@@ -59,7 +62,7 @@ impl LogStore {
     pub fn new(db: Arc<DB>, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let (flusher, waiting) = mpsc::channel();
         {
-            let (db, metrics) = (db.clone(), metrics.clone());
+            let (db, metrics) = (Arc::downgrade(&db), metrics.clone());
             std::thread::Builder::new()
                 .name("kord-log-flush".into())
                 .spawn(move || run_flusher(db, metrics, waiting))
