@@ -173,10 +173,17 @@ impl Claims {
     ) -> Result<(), EdgeError> {
         let parent = path::parent(&claim.key).to_owned();
         let own = path::name(&claim.key).to_owned();
+        // The first look needs a read barrier: this member may not have applied our own claim
+        // yet. After a predecessor's deletion event it does not: that event was applied here,
+        // after our claim, and any claim ahead of ours is older still, so this member's state
+        // is current enough to tell whether we are first.
+        let mut barrier = true;
         loop {
             // Subscribed before looking, so a deletion after the look is not missed.
             let mut live = self.hub.subscribe();
-            self.proposer.read_barrier().await?;
+            if barrier {
+                self.proposer.read_barrier().await?;
+            }
             let predecessor = {
                 let applied = self.state.read();
                 let children = applied.state.get(&parent).map(|n| &n.children);
@@ -212,11 +219,15 @@ impl Claims {
                             .any(|e| e.kind == EventKind::Deleted && e.path == predecessor)
                         {
                             self.metrics.claim_wakeups.inc();
+                            barrier = false;
                             break;
                         }
                     }
                     // Fell behind the broadcast: look again.
-                    Some(Err(RecvError::Lagged(_))) => break,
+                    Some(Err(RecvError::Lagged(_))) => {
+                        barrier = true;
+                        break;
+                    }
                     Some(Err(RecvError::Closed)) => {
                         return Err(EdgeError::Propose(crate::proposal::ProposeError::Stopped(
                             "watch hub closed".into(),
@@ -230,7 +241,12 @@ impl Claims {
     /// The claim's current stat, checked to be owned by `lease`.
     async fn owned(&self, key: &str, lease: u64) -> Result<Stat, EdgeError> {
         path::validate(key)?;
-        self.proposer.read_barrier().await?;
+        // A claim's owner never changes and the delete or set that follows is conditional on
+        // its version, so a claim found here needs no read barrier; one not found may just not
+        // be applied here yet.
+        if self.state.read().state.get(key).is_none() {
+            self.proposer.read_barrier().await?;
+        }
         let applied = self.state.read();
         let node = applied.state.get(key).ok_or_else(|| EdgeError::NoNode {
             path: key.to_owned(),
