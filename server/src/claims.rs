@@ -14,7 +14,7 @@ use crate::grpc::EdgeError;
 use crate::metrics::Metrics;
 use crate::proposal::Proposer;
 use crate::state::{
-    path, ApplyError, Command, CreateMode, EventKind, Op, Reply, Stat, SubOp, SubReply, WriteId,
+    path, ApplyError, CreateMode, EventKind, Op, Reply, Stat, SubOp, SubReply, WriteId,
 };
 use crate::storage::state_machine::SharedState;
 use crate::watch::hub::WatchHub;
@@ -80,13 +80,8 @@ impl Claims {
     }
 
     async fn write(&self, write_id: WriteId, op: SubOp) -> Result<SubReply, EdgeError> {
-        let cmd = Command {
-            write_id,
-            time_ms: 0,
-            op: Op::Single(op),
-        };
-        match self.proposer.propose(cmd).await?.reply? {
-            Reply::Single(r) => Ok(r),
+        match crate::grpc::propose(&self.proposer, write_id, Op::Single(op)).await? {
+            (_, Reply::Single(r)) => Ok(r),
             _ => Err(EdgeError::WriteIdReused),
         }
     }

@@ -11,7 +11,7 @@ use super::{EdgeError, Limits};
 use crate::metrics::Metrics;
 use crate::proposal::Proposer;
 use crate::raft::{NodeId, Raft};
-use crate::state::{path, Command, CreateMode, Op, Reply, SubOp, SubReply};
+use crate::state::{path, CreateMode, Op, Reply, SubOp, SubReply};
 use crate::storage::state_machine::{AppliedState, SharedState};
 
 pub struct KvService {
@@ -104,13 +104,7 @@ impl KvService {
                 }
             }
         }
-        let cmd = Command {
-            write_id: convert::write_id(write_id),
-            time_ms: 0,
-            op,
-        };
-        let out = self.proposer.propose(cmd).await?;
-        Ok((out.revision, out.reply?))
+        super::propose(&self.proposer, convert::write_id(write_id), op).await
     }
 
     async fn write_single(
@@ -329,17 +323,12 @@ impl Kv for KvService {
                     r.revision
                 )));
             }
-            let cmd = Command {
-                write_id: convert::write_id(r.write_id),
-                time_ms: 0,
-                op: Op::Compact {
-                    revision: r.revision,
-                },
+            let op = Op::Compact {
+                revision: r.revision,
             };
-            let out = self.proposer.propose(cmd).await?;
-            match out.reply? {
-                Reply::Compacted { revision } => Ok(pb::CompactResponse {
-                    header: Some(self.header(out.revision)),
+            match super::propose(&self.proposer, convert::write_id(r.write_id), op).await? {
+                (at, Reply::Compacted { revision }) => Ok(pb::CompactResponse {
+                    header: Some(self.header(at)),
                     compacted_revision: revision,
                 }),
                 _ => Err(EdgeError::WriteIdReused),

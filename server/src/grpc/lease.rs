@@ -16,7 +16,7 @@ use crate::liveness::{LeaseError, LeaseQuery, Liveness};
 use crate::metrics::Metrics;
 use crate::proposal::Proposer;
 use crate::raft::{NodeId, Raft};
-use crate::state::{Command, Op, Reply};
+use crate::state::{Op, Reply};
 use crate::storage::state_machine::SharedState;
 
 #[derive(Clone)]
@@ -67,13 +67,7 @@ impl LeaseService {
         write_id: Option<pb::WriteId>,
         op: Op,
     ) -> Result<(u64, Reply), EdgeError> {
-        let cmd = Command {
-            write_id: convert::write_id(write_id),
-            time_ms: 0,
-            op,
-        };
-        let out = self.proposer.propose(cmd).await?;
-        Ok((out.revision, out.reply?))
+        super::propose(&self.proposer, convert::write_id(write_id), op).await
     }
 
     /// Leases outside the bounds are refused; sessions are clamped into theirs.

@@ -142,3 +142,19 @@ pub(crate) fn finish<T>(
     metrics.count_request(op, code);
     result
 }
+
+/// Proposes `op` under `write_id` and returns its revision and reply; an apply error becomes
+/// an edge error. Every write at the edge goes through here.
+pub(crate) async fn propose(
+    proposer: &crate::proposal::Proposer,
+    write_id: crate::state::WriteId,
+    op: crate::state::Op,
+) -> Result<(u64, crate::state::Reply), EdgeError> {
+    let cmd = crate::state::Command {
+        write_id,
+        time_ms: 0,
+        op,
+    };
+    let out = proposer.propose(cmd).await?;
+    Ok((out.revision, out.reply?))
+}

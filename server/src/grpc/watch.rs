@@ -42,13 +42,7 @@ struct StreamOutbox {
 
 impl StreamOutbox {
     fn response(&self, watch_id: i64, d: Delivery) -> pb::WatchResponse {
-        let header = |revision| {
-            Some(pb::ResponseHeader {
-                revision,
-                member_id: self.member_id,
-                raft_term: self.raft.metrics().borrow().current_term,
-            })
-        };
+        let header = |revision| Some(super::header(self.member_id, &self.raft, revision));
         let mut r = pb::WatchResponse {
             watch_id,
             ..Default::default()
