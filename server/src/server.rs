@@ -256,6 +256,7 @@ async fn bootstrap(config: &Config, raft: &Raft) -> anyhow::Result<()> {
                 peer_addr: config.node.peer_addr.clone(),
                 client_addr: config.node.client_addr.clone(),
                 learner_only: *learner,
+                ..Default::default()
             };
             tokio::spawn(join(endpoint.clone(), request));
         }

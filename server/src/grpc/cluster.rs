@@ -55,6 +55,7 @@ impl ClusterService {
                     pb::MemberRole::Learner
                 } as i32,
                 matched_index: matched.get(id).copied().unwrap_or(0),
+                ..Default::default()
             })
             .collect()
     }
@@ -123,5 +124,46 @@ impl Cluster for ClusterService {
         Ok(Response::new(pb::AddMemberResponse {
             members: self.members(),
         }))
+    }
+
+    async fn member_list(
+        &self,
+        _req: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        Err(Status::unimplemented("MemberList is not implemented yet"))
+    }
+
+    async fn promote_member(
+        &self,
+        _req: Request<pb::PromoteMemberRequest>,
+    ) -> Result<Response<pb::MembershipChangeResponse>, Status> {
+        Err(Status::unimplemented(
+            "PromoteMember is not implemented yet",
+        ))
+    }
+
+    async fn remove_member(
+        &self,
+        _req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembershipChangeResponse>, Status> {
+        Err(Status::unimplemented("RemoveMember is not implemented yet"))
+    }
+
+    async fn replace_member(
+        &self,
+        _req: Request<pb::ReplaceMemberRequest>,
+    ) -> Result<Response<pb::MembershipChangeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ReplaceMember is not implemented yet",
+        ))
+    }
+
+    async fn transfer_leader(
+        &self,
+        _req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        Err(Status::unimplemented(
+            "TransferLeader is not implemented yet",
+        ))
     }
 }
