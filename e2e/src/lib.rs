@@ -11,6 +11,7 @@
 pub mod bins;
 pub mod cluster;
 pub mod http;
+pub mod k8s;
 pub mod kv;
 pub mod ports;
 pub mod wait;

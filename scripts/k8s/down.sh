@@ -100,7 +100,7 @@ for root in "$run" /var/lib/kubelet /run/containerd/io.containerd; do
   done
 done
 
-rm -rf /var/lib/kubelet /var/lib/cni /var/log/pods /var/log/containers
+rm -rf /var/lib/kubelet /var/lib/cni /var/log/pods /var/log/containers /var/lib/kord-e2e-pv
 if [[ "${KORD_K8S_KEEP_RUN:-0}" == 1 ]]; then
   rm -rf "$run/containerd" "$run/etcd"
 else
