@@ -12,7 +12,8 @@
 //!   default `kord-helm`; see scripts/k8s/tools.sh).
 //! - `KORD_K8S_POD_LOG_DIR`: read pod logs from this directory (the node's /var/log/pods)
 //!   instead of `kubectl logs`.
-//! - `KORD_K8S_HELM_VALUES`: JSON merged over the suite's chart values.
+//! - `KORD_K8S_HELM_VALUES`: JSON merged over the suite's chart values; `KORD_K8S_CHART`: the
+//!   chart directory (default: the tree's charts/kord).
 //! - `KORD_K8S_TIME_SCALE`: multiplies every wait (default 1).
 
 use std::path::{Path, PathBuf};

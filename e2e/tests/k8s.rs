@@ -145,8 +145,7 @@ fn last_config(reports: &BTreeMap<String, Vec<Value>>) -> BTreeMap<String, Optio
         .map(|(pod, events)| {
             let last = events
                 .iter()
-                .filter(|e| e["event"] == "config")
-                .next_back()
+                .rfind(|e| e["event"] == "config")
                 .and_then(|e| e["value"].as_str().map(str::to_owned));
             (pod.clone(), last)
         })
@@ -364,9 +363,16 @@ fn sample_service_config_lock_and_ephemerals_on_static_kord() {
 
 // ---- the operator scenarios (issue #8's chart and KordCluster) --------------------------------
 
+/// The chart under test: `KORD_K8S_CHART`, else the tree's charts/kord.
+fn chart_dir() -> PathBuf {
+    std::env::var_os("KORD_K8S_CHART")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("charts/kord"))
+}
+
 /// Why the operator scenarios cannot run yet, if they cannot.
 fn operator_missing(k: &K8s) -> Option<String> {
-    let chart = repo_root().join("charts/kord/Chart.yaml");
+    let chart = chart_dir().join("Chart.yaml");
     if !chart.exists() {
         return Some(format!(
             "the operator's chart is not in the tree yet ({} missing)",
@@ -396,11 +402,15 @@ fn chart_values(k: &K8s, replicas: u32, image_tag: Option<&str>, storage_class: 
         .operator_image
         .rsplit_once(':')
         .unwrap_or((k.operator_image.as_str(), "latest"));
+    // charts/kord/values.yaml: the operator's image, and one KordCluster named after the release.
     let mut values = json!({
-        "image": {"repository": repo, "tag": image_tag.unwrap_or(tag), "pullPolicy": "IfNotPresent"},
         "operator": {"image": {"repository": op_repo, "tag": op_tag, "pullPolicy": "IfNotPresent"}},
-        "cluster": {"enabled": true, "name": "kord", "replicas": replicas,
-                    "storage": {"size": "1Gi", "storageClassName": storage_class}},
+        "cluster": {
+            "enabled": true,
+            "replicas": replicas,
+            "image": {"repository": repo, "tag": image_tag.unwrap_or(tag), "pullPolicy": "IfNotPresent"},
+            "storage": {"size": "1Gi", "storageClassName": storage_class},
+        },
     });
     if let Some(extra) = std::env::var("KORD_K8S_HELM_VALUES")
         .ok()
@@ -477,15 +487,13 @@ fn member_pods(k: &K8s, ns: &str) -> Vec<Value> {
     k.pods(ns, &selector).unwrap_or_default()
 }
 
-/// The operator's pods: the chart's Deployment, found by name.
+/// The operator's pods: the chart's Deployment (component label `operator`).
 fn operator_pods(k: &K8s, ns: &str) -> Vec<String> {
-    k.get_json(ns, &["pods"])
-        .ok()
-        .and_then(|l| l["items"].as_array().cloned())
+    k.pods(ns, "app.kubernetes.io/component=operator")
         .unwrap_or_default()
         .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
         .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
-        .filter(|n| n.contains("operator"))
         .collect()
 }
 
@@ -555,7 +563,7 @@ fn member_endpoints(k: &K8s, ns: &str, s: &ClusterStatus) -> String {
         .join(",")
 }
 
-/// The leader's pod name, from the status' members.
+/// The leader's pod name (the status' `leader` names the pod; a member's role may say so too).
 fn leader_pod(s: &ClusterStatus) -> Option<String> {
     s.members
         .iter()
@@ -563,7 +571,6 @@ fn leader_pod(s: &ClusterStatus) -> Option<String> {
             m["role"]
                 .as_str()
                 .is_some_and(|r| r.eq_ignore_ascii_case("leader"))
-                || m["id"].to_string() == s.leader
                 || m["pod"].as_str() == Some(s.leader.as_str())
         })
         .and_then(|m| m["pod"].as_str().map(str::to_owned))
@@ -662,7 +669,7 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         return;
     }
     let started = Instant::now();
-    let chart = repo_root().join("charts/kord");
+    let chart = chart_dir();
     let chart = chart.to_string_lossy().into_owned();
     let ns_guard = k.namespace("kord-e2e-op").expect("namespace");
     let ns = ns_guard.name.as_str();
@@ -755,7 +762,7 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         .members
         .iter()
         .filter_map(|m| m["pod"].as_str())
-        .find(|p| Some(p.to_string()) != leader_pod(&s))
+        .find(|p| leader_pod(&s).as_deref() != Some(*p))
         .expect("a follower")
         .to_owned();
     kill(&follower);

@@ -33,9 +33,11 @@ def main():
         if opts.command == "lint":
             result = helm_python.lint(opts.args[0], values, strict=opts.strict)
             print(json.dumps(result, indent=2, default=str))
+            # Helm's support.Severity: 1 info, 2 warning, 4 error; "errors" lists failures.
             messages = result.get("messages", []) if isinstance(result, dict) else []
-            errors = [m for m in messages if str(m.get("severity", "")).lower() in ("error", "4")]
-            return 1 if errors else 0
+            failing = {2, 4} if opts.strict else {4}
+            bad = [m for m in messages if m.get("severity") in failing]
+            return 1 if bad or (isinstance(result, dict) and result.get("errors")) else 0
         if opts.command == "template":
             name, chart = opts.args[0], opts.args[1]
             rendered = helm_python.Chart.load(chart).render(values, name=name, namespace=opts.namespace)

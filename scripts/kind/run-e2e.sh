@@ -40,11 +40,12 @@ tag="$(git rev-parse --short=12 HEAD)"
 images=()
 cargo build --locked --release --workspace --bins
 if [[ -f Dockerfile ]]; then
-  # The repo's Dockerfile builds kord, kordctl and the operator; the sample image is offline.
-  docker build -t "kord.local/kord:$tag" .
+  # The repo's Dockerfile has a stage per image (kord: kord + kordctl; kord-operator); the
+  # sample service's image is written offline.
+  docker build --target kord -t "kord.local/kord:$tag" .
   images+=("kord.local/kord:$tag")
-  if grep -qi 'kord-operator' Dockerfile; then
-    docker tag "kord.local/kord:$tag" "kord.local/kord-operator:$tag"
+  if grep -q 'AS kord-operator' Dockerfile; then
+    docker build --target kord-operator -t "kord.local/kord-operator:$tag" .
     images+=("kord.local/kord-operator:$tag")
   fi
 fi
