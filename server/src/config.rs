@@ -82,6 +82,17 @@ pub struct Args {
     #[arg(long, env = "KORD_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5_000)]
     pub snapshot_catchup_entries: u64,
 
+    /// Most client commands the leader puts into one log entry. Commands that arrive while
+    /// earlier entries are in flight wait and go together, sharing one append, fsync,
+    /// replication message and apply call.
+    #[arg(long, env = "KORD_PROPOSAL_BATCH", default_value_t = 512)]
+    pub proposal_batch: usize,
+
+    /// Log entries of client commands the leader keeps in flight (appended, not yet applied)
+    /// before it waits and batches.
+    #[arg(long, env = "KORD_PROPOSALS_IN_FLIGHT", default_value_t = 2)]
+    pub proposals_in_flight: usize,
+
     /// Largest znode value, in bytes.
     #[arg(long, env = "KORD_MAX_VALUE_SIZE", default_value_t = DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_size: usize,
@@ -167,6 +178,7 @@ pub struct Config {
     pub election_timeout: Duration,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
+    pub batching: crate::proposal::Batching,
     pub reap_interval: Duration,
     pub watch_progress_interval: Duration,
     pub watch_buffer: usize,
@@ -210,6 +222,8 @@ impl Args {
         }
         for (flag, value, min) in [
             ("snapshot-count", self.snapshot_count, 1),
+            ("proposal-batch", self.proposal_batch as u64, 1),
+            ("proposals-in-flight", self.proposals_in_flight as u64, 1),
             ("max-value-size", self.max_value_size as u64, 1),
             ("max-txn-ops", self.max_txn_ops as u64, 1),
             ("max-request-size", self.max_request_size as u64, 1024),
@@ -275,6 +289,12 @@ impl Args {
             election_timeout: self.election_timeout,
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
+            batching: crate::proposal::Batching {
+                max_commands: self.proposal_batch,
+                // A batch stops growing past this size; a single larger command goes alone.
+                max_bytes: 1024 * 1024,
+                in_flight: self.proposals_in_flight,
+            },
             reap_interval: self.reap_interval,
             watch_progress_interval: self.watch_progress_interval,
             watch_buffer: self.watch_buffer,

@@ -84,6 +84,7 @@ pub async fn run(
         channels,
         metrics.clone(),
         config.election_timeout * 3,
+        config.batching,
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

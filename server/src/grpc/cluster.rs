@@ -68,10 +68,11 @@ impl Cluster for ClusterService {
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let metrics = self.raft.metrics().borrow().clone();
-        let (applied_index, digest, znodes, compacted) = {
+        let (applied_index, revision, digest, znodes, compacted) = {
             let applied = self.state.read();
             (
                 applied.applied_index(),
+                applied.revision,
                 applied.state.digest(),
                 applied.state.node_count() as u64,
                 applied.compacted_revision,
@@ -90,6 +91,7 @@ impl Cluster for ClusterService {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             snapshot_index: metrics.snapshot.map_or(0, |s| s.index),
             raft_state: state_name(metrics.state).to_owned(),
+            revision,
         }))
     }
 

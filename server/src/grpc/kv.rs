@@ -134,7 +134,7 @@ impl KvService {
             self.proposer.read_barrier().await?;
         }
         let applied = self.state.read();
-        let header = self.header(applied.applied_index());
+        let header = self.header(applied.revision);
         f(&applied, header)
     }
 }
@@ -316,7 +316,7 @@ impl Kv for KvService {
     ) -> Result<Response<pb::CompactResponse>, Status> {
         let r = req.into_inner();
         let result = async {
-            let applied = self.state.read().applied_index();
+            let applied = self.state.read().revision;
             if r.revision > applied {
                 return Err(EdgeError::InvalidArgument(format!(
                     "revision {} is in the future: the latest applied revision is {applied}",

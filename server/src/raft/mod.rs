@@ -9,7 +9,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{ApplyOutput, Command};
+use crate::state::{ApplyOutput, Proposal};
 
 pub type NodeId = u64;
 
@@ -30,8 +30,8 @@ impl fmt::Display for KordNode {
 
 openraft::declare_raft_types!(
     pub TypeConfig:
-        D = Command,
-        R = ApplyOutput,
+        D = Proposal,
+        R = Vec<ApplyOutput>,
         NodeId = NodeId,
         Node = KordNode,
         Entry = openraft::Entry<TypeConfig>,
