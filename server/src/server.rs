@@ -60,6 +60,9 @@ pub async fn run(
         install_snapshot_timeout: 10_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
+        // An entry holds a batch of commands (up to ~1 MiB, or one larger command): fewer
+        // entries per AppendEntries than openraft's 300 keep a message under the peer limit.
+        max_payload_entries: 32,
         ..Default::default()
     }
     .validate()
