@@ -60,12 +60,24 @@ pub struct NewMember {
 pub enum AdminRequest {
     List,
     Add(NewMember),
-    Promote { id: NodeId, max_lag: u64 },
-    Remove { id: NodeId },
-    Replace { old_id: NodeId, new: NewMember },
-    Transfer { to: NodeId },
+    Promote {
+        id: NodeId,
+        max_lag: u64,
+    },
+    Remove {
+        id: NodeId,
+    },
+    Replace {
+        old_id: NodeId,
+        new: NewMember,
+    },
+    Transfer {
+        to: NodeId,
+    },
     /// Leader to transfer target: start an election now.
-    Elect { from: NodeId },
+    Elect {
+        from: NodeId,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -538,7 +550,12 @@ impl Membership {
     async fn elect_here(&self, from: NodeId) -> AdminReply {
         let m = self.metrics();
         let me = self.inner.id;
-        if !m.membership_config.membership().voter_ids().any(|v| v == me) {
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == me)
+        {
             return Err(MembershipError::Refused(format!(
                 "member {me} is not a voter and cannot lead"
             )));
@@ -560,10 +577,14 @@ impl Membership {
         let m = self.metrics();
         let membership = m.membership_config.membership();
         if let Some(node) = membership.get_node(&new.id) {
-            let voter = membership.voter_ids().any(|v| v == new.id);
+            // A retry (or `kord --join` racing an operator's call) resumes; a voter is never
+            // demoted by it.
             let same = node.peer_addr == new.node.peer_addr && node.observer == new.node.observer;
-            if same && (!voter || !new.learner_only) {
-                tracing::info!(member = new.id, "already a member with this address: resuming");
+            if same {
+                tracing::info!(
+                    member = new.id,
+                    "already a member with this address: resuming"
+                );
                 return Ok(());
             }
             return Err(MembershipError::IdUsed {
@@ -634,7 +655,10 @@ impl Membership {
             return Ok(());
         }
         let next = joint.last().cloned().unwrap_or_default();
-        tracing::warn!(?joint, "finishing a joint configuration left by a previous leader");
+        tracing::warn!(
+            ?joint,
+            "finishing a joint configuration left by a previous leader"
+        );
         let finished = self
             .change(ChangeMembers::ReplaceAllVoters(next), deadline)
             .await;

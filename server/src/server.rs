@@ -286,7 +286,7 @@ async fn bootstrap(config: &Config, raft: &Raft, guard: &Arc<PeerGuard>) -> anyh
                 name: config.node.name.clone(),
                 ..Default::default()
             };
-            tokio::spawn(join(endpoint.clone(), request, guard.clone()));
+            tokio::spawn(join(endpoint.clone(), request, raft.clone(), guard.clone()));
         }
     }
     Ok(())
@@ -294,9 +294,14 @@ async fn bootstrap(config: &Config, raft: &Raft, guard: &Arc<PeerGuard>) -> anyh
 
 /// Asks the cluster to add this member, retrying (bounded) until it answers. A refusal for
 /// good (the id is in use or was removed) stops the member.
-async fn join(endpoint: String, request: AddMemberRequest, guard: Arc<PeerGuard>) {
+async fn join(endpoint: String, request: AddMemberRequest, raft: Raft, guard: Arc<PeerGuard>) {
     const ATTEMPTS: u32 = 60;
     for attempt in 1..=ATTEMPTS {
+        // Added meanwhile (by an earlier attempt whose reply was lost, or by an operator).
+        if raft_lists(&raft, request.id, request.learner_only) {
+            tracing::info!(%endpoint, "this member is in the cluster's membership");
+            return;
+        }
         let result = async {
             let mut client = ClusterClient::connect(format!("http://{endpoint}")).await?;
             client.add_member(request.clone()).await?;
@@ -325,4 +330,12 @@ async fn join(endpoint: String, request: AddMemberRequest, guard: Arc<PeerGuard>
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tracing::error!(%endpoint, "gave up joining after {ATTEMPTS} attempts");
+}
+
+/// Whether `id` is in this member's membership (as a voter unless `learner_only`).
+fn raft_lists(raft: &Raft, id: crate::raft::NodeId, learner_only: bool) -> bool {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let membership = m.membership_config.membership();
+    membership.get_node(&id).is_some() && (learner_only || membership.voter_ids().any(|v| v == id))
 }

@@ -8,7 +8,7 @@ use kord_api::v1::cluster_server::Cluster;
 use tonic::{Request, Response, Status};
 
 use crate::membership::{
-    AdminRequest, MemberView, Membership, MembershipError, MembersView, NewMember, Role,
+    AdminRequest, MemberView, MembersView, Membership, MembershipError, NewMember, Role,
     DEFAULT_ADMIN_TIMEOUT,
 };
 use crate::raft::{KordNode, NodeId, Raft, ServerState};

@@ -113,9 +113,11 @@ impl PeerConnection {
         E: DeserializeOwned + std::error::Error,
     {
         if rpc != "vote" && self.guard.fenced(self.target) {
-            return Err(RPCError::Unreachable(Unreachable::new(&CallError::Fenced {
-                target: self.target,
-            })));
+            return Err(RPCError::Unreachable(Unreachable::new(
+                &CallError::Fenced {
+                    target: self.target,
+                },
+            )));
         }
         let payload = Payload {
             data: crate::storage::codec::encode(req),

@@ -73,9 +73,7 @@ impl PeerService {
             "member {sender} was removed from the cluster and its id may not be reused: \
              wipe its data and join with a new id"
         ));
-        status
-            .metadata_mut()
-            .insert(REMOVED_HEADER, sender.into());
+        status.metadata_mut().insert(REMOVED_HEADER, sender.into());
         Err(status)
     }
 
