@@ -433,6 +433,29 @@ async fn observer_never_votes_and_serves_local_reads_and_watches() {
 async fn transfer_leader_moves_leadership_to_the_chosen_voter() {
     let c = Cluster::start(3, ClusterOpts::default()).await;
     let admin = client(&c).await;
+    // Writes keep flowing during the transfers: their replication must not keep the other
+    // voters' leader leases alive (the fence), and none of them may be lost.
+    let writer = client(&c).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut acked = Vec::new();
+            let started = Instant::now();
+            for i in 0..5_000u32 {
+                if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+                let path = format!("/t-{i:05}");
+                match writer.create(&path, "").await {
+                    Ok(_) => acked.push(path),
+                    Err(e) if e.code() == Code::AlreadyExists => acked.push(path),
+                    Err(e) => eprintln!("write {path}: {e}"),
+                }
+            }
+            acked
+        }
+    });
     for _round in 0..2 {
         let leader = c.leader().await;
         let target = c.followers().await[1];
@@ -452,7 +475,18 @@ async fn transfer_leader_moves_leadership_to_the_chosen_voter() {
             .await
             .expect("write under the new leader");
     }
-    // Only a voter can lead.
+    stop.store(true, Ordering::Relaxed);
+    let acked = load.await.expect("load task");
+    assert!(acked.len() > 10, "the load made progress: {}", acked.len());
+    let statuses = c.wait_converged(WAIT).await;
+    assert_same_state(&statuses);
+    let mut kv = c.kv(c.leader().await);
+    for path in &acked {
+        get(&mut kv, path, LOCAL)
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {path} missing: {e}"));
+    }
+    // Only a member can lead.
     let err = admin
         .transfer_leader(42, Duration::from_secs(5))
         .await

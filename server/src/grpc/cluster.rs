@@ -72,28 +72,31 @@ fn members_pb(view: &MembersView) -> Vec<pb::Member> {
     view.members.iter().map(member_pb).collect()
 }
 
-/// The client's deadline from its `grpc-timeout` header ("<digits><unit>"), if it sent one.
+/// The time an admin call may take: the client's `grpc-timeout` less a margin, so the client
+/// gets our error rather than its own, or [`DEFAULT_ADMIN_TIMEOUT`] without one.
 fn request_timeout<T>(req: &Request<T>) -> Duration {
     let parsed = req
         .metadata()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-            let n: u64 = digits.parse().ok()?;
-            Some(match unit {
-                "H" => Duration::from_secs(n.saturating_mul(3600)),
-                "M" => Duration::from_secs(n.saturating_mul(60)),
-                "S" => Duration::from_secs(n),
-                "m" => Duration::from_millis(n),
-                "u" => Duration::from_micros(n),
-                "n" => Duration::from_nanos(n),
-                _ => return None,
-            })
-        });
-    // Answer a little before the client gives up, so it gets our error instead of its own.
+        .and_then(parse_grpc_timeout);
     parsed.map_or(DEFAULT_ADMIN_TIMEOUT, |d| {
         d.saturating_sub(Duration::from_millis(200).min(d / 10))
+    })
+}
+
+/// gRPC's "<digits><unit>" timeout format.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
     })
 }
 
@@ -279,5 +282,49 @@ impl Cluster for ClusterService {
             header: Some(self.header()),
             leader_id: view.leader_id,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(
+            parse_grpc_timeout("1500m"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        let mut req = Request::new(());
+        req.set_timeout(Duration::from_secs(10));
+        assert_eq!(request_timeout(&req), Duration::from_millis(9800));
+        assert_eq!(request_timeout(&Request::new(())), DEFAULT_ADMIN_TIMEOUT);
+    }
+
+    #[test]
+    fn membership_errors_map_to_codes() {
+        let code = |e: MembershipError| Status::from(e).code();
+        assert_eq!(
+            code(MembershipError::InProgress("x".into())),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(MembershipError::IdUsed {
+                id: 1,
+                why: "x".into()
+            }),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(code(MembershipError::NotMember(1)), tonic::Code::NotFound);
+        assert_eq!(
+            code(MembershipError::Timeout("x".into())),
+            tonic::Code::DeadlineExceeded
+        );
+        let s = Status::from(MembershipError::InProgress("another".into()));
+        assert!(s.message().starts_with("membership change in progress"));
     }
 }
