@@ -237,6 +237,10 @@ async fn replace_under_write_load_loses_no_acknowledged_write() {
     let admin = client(&c).await;
     let writer = client_for(&c, &[1, 2, 3]).await;
 
+    c.kv(leader)
+        .create(create_req("/load", b""))
+        .await
+        .expect("create /load");
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn({
         let stop = stop.clone();
@@ -257,7 +261,6 @@ async fn replace_under_write_load_loses_no_acknowledged_write() {
             acked
         }
     });
-    c.kv(leader).create(create_req("/load", b"")).await.ok();
 
     c.spawn_joining(4, &["--join-as-learner"]);
     let new = NewMember {
