@@ -10,9 +10,10 @@
 //! is not in their membership (see `raft::peer_service`).
 //!
 //! Leadership transfer: the leader fences replication to every follower but the target (so
-//! their leader leases expire and they grant votes), waits until the target holds every entry
-//! the others do, and asks the target (peer `Admin` RPC) to start an election with
-//! `Raft::trigger().elect()`, repeating until the target leads or the deadline passes.
+//! their leader leases expire and they grant votes), waits out that lease, checks that the
+//! target holds every entry the others do, and asks the target (peer `Admin` RPC) to start an
+//! election with `Raft::trigger().elect()`, repeating until the target leads or the deadline
+//! passes.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -511,7 +512,13 @@ impl Membership {
         }
         let fence = Fence::new(&self.inner.guard, to);
         tracing::info!(to, "transferring leadership");
-        let mut last_attempt: Option<Instant> = None;
+        // The fenced voters grant votes once their leader lease (openraft: the maximum election
+        // timeout, twice the minimum) has run out since our last AppendEntries reached them.
+        // Asking earlier only makes the target a candidate they refuse, which disrupts the
+        // term; later than lease plus the minimum timeout, they start elections of their own.
+        // A fifth of the timeout of slack covers AppendEntries already in flight at the fence.
+        let timeout = self.inner.settings.election_timeout;
+        let mut next_attempt = Instant::now() + timeout * 2 + timeout / 5;
         loop {
             let m = self.metrics();
             if m.current_leader == Some(to) {
@@ -527,10 +534,9 @@ impl Membership {
                 )));
             }
             let pace = self.inner.settings.election_timeout / 2;
-            let due = last_attempt.is_none_or(|t| now >= t + pace);
             // The target must hold every entry the other voters may hold, or they refuse it.
-            if due && target_caught_up(&m, to, &voters) {
-                last_attempt = Some(now);
+            if now >= next_attempt && target_caught_up(&m, to, &voters) {
+                next_attempt = now + pace;
                 let call = AdminCall {
                     request: AdminRequest::Elect { from: me },
                     timeout_ms: ms(pace.max(POLL)),
