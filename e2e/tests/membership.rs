@@ -550,6 +550,42 @@ async fn kordctl_member_commands() {
         serde_json::from_str(&stdout_of(&args, &kordctl(&c, &args).await)).expect("transfer json");
     assert_eq!(v["leader_id"], target);
 
+    // An observer added through the API (no process behind it: it only needs to be listed).
+    let nowhere = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let args = [
+        "member",
+        "add",
+        "7",
+        "--peer-addr",
+        &nowhere,
+        "--observer",
+        "--name",
+        "obs",
+        "-o",
+        "json",
+    ];
+    let v: Value = serde_json::from_str(&stdout_of(&args, &kordctl(&c, &args).await))
+        .expect("member add json");
+    let m7 = v["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["id"] == 7)
+        .expect("member 7 listed")
+        .clone();
+    assert_eq!(m7["role"], "observer", "{m7}");
+    assert_eq!(m7["name"], "obs", "{m7}");
+    let args = ["member", "promote", "7"];
+    let out = kordctl(&c, &args).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("observer"),
+        "{out:?}"
+    );
+    let args = ["member", "remove", "7"];
+    let text = stdout_of(&args, &kordctl(&c, &args).await);
+    assert!(!text.contains("obs"), "{text}");
+
     // A refused change exits 1 and says why on stderr.
     let args = ["member", "remove", "99"];
     let out = kordctl(&c, &args).await;
