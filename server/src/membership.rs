@@ -16,6 +16,7 @@
 //! passes.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,6 +168,9 @@ struct Inner {
     settings: Settings,
     /// Held by the running change on the leader: a second one is refused, never interleaved.
     change: tokio::sync::Mutex<()>,
+    /// Set while `change` is held, for views (which must not touch the lock: a view taking it
+    /// even briefly could make a concurrent change look refused).
+    changing: AtomicBool,
 }
 
 impl Membership {
@@ -188,6 +192,7 @@ impl Membership {
                 guard,
                 settings,
                 change: tokio::sync::Mutex::new(()),
+                changing: AtomicBool::new(false),
             }),
         }
     }
@@ -246,30 +251,25 @@ impl Membership {
             leader_id: m.current_leader.unwrap_or(0),
             members,
             change_in_progress: membership.get_joint_config().len() > 1
-                || (leading && self.inner.change.try_lock().is_err()),
+                || (leading && self.inner.changing.load(Ordering::Relaxed)),
         }
     }
 
     /// Whether `id` was removed: tombstoned and absent from this member's membership. A
     /// tombstone of a member still in the configuration (a removal under way) does not count.
     pub fn is_removed(&self, id: NodeId) -> bool {
-        let tombstoned = self
+        // The membership first: it is the cheap check, and it clears every current member
+        // (every Raft RPC passes here).
+        let member = self
             .inner
-            .state
-            .read()
-            .state
-            .get(&tombstone_path(id))
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
             .is_some();
-        tombstoned
-            && self
-                .inner
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .get_node(&id)
-                .is_none()
+        !member && self.tombstoned(id)
     }
 
     /// This member's own removal, as its applied state shows it.
@@ -347,6 +347,7 @@ impl Membership {
                         .into(),
                 )
             })?;
+            let _flag = Changing::set(&self.inner.changing);
             self.ensure_settled(deadline).await?;
             match request {
                 AdminRequest::Add(new) => self.add(new, deadline).await?,
@@ -801,6 +802,22 @@ impl Membership {
             .map_err(|s| failed(s.message().to_owned()))?;
         postcard::from_bytes(&response.into_inner().data)
             .map_err(|e| failed(format!("malformed reply: {e}")))
+    }
+}
+
+/// Marks a change as running while it lives.
+struct Changing<'a>(&'a AtomicBool);
+
+impl<'a> Changing<'a> {
+    fn set(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Changing(flag)
+    }
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 
