@@ -197,6 +197,13 @@ impl Cluster {
     /// member's client endpoint (`kord --join`), with `flags` added (e.g. `--observer`). Returns
     /// at once; wait on its membership with `Status`/`MemberList`.
     pub fn spawn_joining(&mut self, id: u64, flags: &[&str]) {
+        self.add_joining(id, flags);
+        self.spawn_member(id);
+    }
+
+    /// Like [`Cluster::spawn_joining`] but only allocates the member's ports and directories:
+    /// start it later with [`Cluster::respawn`] (e.g. after an admin call named its address).
+    pub fn add_joining(&mut self, id: u64, flags: &[&str]) {
         assert!(
             self.members.iter().all(|m| m.id != id),
             "member {id} already exists in this cluster"
@@ -225,7 +232,6 @@ impl Cluster {
             channel: channel_to(ports[0]),
             join: Some((endpoint, flags.iter().map(|f| f.to_string()).collect())),
         });
-        self.spawn_member(id);
     }
 
     /// Starts a stopped member again on its data without waiting for it (it may be expected

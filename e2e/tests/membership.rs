@@ -170,7 +170,8 @@ async fn removal_keeps_serving_keeps_a_majority_and_never_reuses_the_id() {
     let leader = c.leader().await;
     let followers = c.followers().await;
     let (gone, kept) = (followers[0], followers[1]);
-    let admin = client(&c).await;
+    // Through a follower only: every change is forwarded to the leader.
+    let admin = client_for(&c, &[kept]).await;
 
     let err = admin.remove_member(leader, CHANGE).await.unwrap_err();
     assert_refused(err, Code::FailedPrecondition, "transfer leadership");
@@ -225,6 +226,21 @@ async fn removal_keeps_serving_keeps_a_majority_and_never_reuses_the_id() {
         restart.contains("removed from the cluster"),
         "second run of member {gone} did not log why it stopped:\n{restart}"
     );
+
+    // Wiped and started again under its old id, it is still refused: ids are never reused.
+    std::fs::remove_dir_all(c.data_dir(gone)).expect("wipe the removed member's data");
+    c.respawn(gone);
+    let status = c.wait_exit(gone, WAIT).await;
+    assert!(
+        !status.success(),
+        "wiped removed member exited with {status}"
+    );
+    let log = c.log_tail(gone, 400);
+    let third = log.rsplit("==== e2e: start #3").next().unwrap_or("");
+    assert!(
+        third.contains("removed from the cluster"),
+        "third run of member {gone} did not log why it stopped:\n{third}"
+    );
     let list = admin.member_list().await.expect("list");
     assert_eq!(list.members.len(), 2, "{:?}", roles(&list));
 }
@@ -262,17 +278,29 @@ async fn replace_under_write_load_loses_no_acknowledged_write() {
         }
     });
 
-    c.spawn_joining(4, &["--join-as-learner"]);
+    // The replace adds member 4 before its process exists (so that path is the API's, not
+    // `kord --join`'s); once listed, the process starts and catches up.
+    c.add_joining(4, &["--join-as-learner"]);
     let new = NewMember {
         id: 4,
         peer_addr: peer_of(&c, 4),
         client_addr: c.client_addr(4).to_string(),
         ..Default::default()
     };
-    let members = admin
-        .replace_member(old, new, Duration::from_secs(45))
-        .await
-        .expect("replace");
+    let replace = tokio::spawn({
+        let admin = admin.clone();
+        async move {
+            admin
+                .replace_member(old, new, Duration::from_secs(45))
+                .await
+        }
+    });
+    wait_members(&admin, "member 4 added as a learner by the replace", |l| {
+        roles(l).get(&4) == Some(&MemberRole::Learner) && l.change_in_progress
+    })
+    .await;
+    c.respawn(4);
+    let members = replace.await.expect("replace task").expect("replace");
     let after: BTreeMap<u64, i32> = members.iter().map(|m| (m.id, m.role)).collect();
     assert_eq!(
         after.get(&4),
