@@ -353,7 +353,7 @@ async fn concurrent_changes_are_refused_not_interleaved() {
                 wait_caught_up: true,
                 ..Default::default()
             };
-            admin.add_member(new, Duration::from_secs(6)).await
+            admin.add_member(new, Duration::from_secs(10)).await
         }
     });
     let list = wait_members(&admin, "learner 10 listed", |l| {
@@ -620,4 +620,27 @@ async fn kordctl_member_commands() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("member 99 is not a member"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_leader_in_a_five_member_cluster() {
+    // Five voters: the target needs two votes besides its own; the old leader's alone is not
+    // enough, so fenced followers must grant theirs once their leases ran out.
+    let c = Cluster::start(5, ClusterOpts::default()).await;
+    let admin = client(&c).await;
+    let leader = c.leader().await;
+    let target = *c.followers().await.last().expect("a follower");
+    let now = admin
+        .transfer_leader(target, Duration::from_secs(20))
+        .await
+        .expect("transfer");
+    assert_eq!(now, target);
+    assert_eq!(c.leader().await, target, "moved from {leader}");
+    c.kv(target)
+        .create(create_req("/after-transfer", b""))
+        .await
+        .expect("write under the new leader");
+    let list = admin.member_list().await.expect("list");
+    assert_eq!(list.leader_id, target);
+    assert!(!list.change_in_progress);
 }
