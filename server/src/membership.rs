@@ -511,6 +511,8 @@ impl Membership {
                 "member {to} is not a voter: only a voter can lead"
             )));
         }
+        // A target far behind would keep the fence up past the followers' election timers.
+        self.wait_caught_up(to, self.max_lag(0), deadline).await?;
         let fence = Fence::new(&self.inner.guard, to);
         tracing::info!(to, "transferring leadership");
         // The fenced voters grant votes once their leader lease (openraft: the maximum election
@@ -626,7 +628,7 @@ impl Membership {
             if Instant::now() >= deadline {
                 return Err(MembershipError::Timeout(format!(
                     "member {id} did not catch up to within {max_lag} entries of the leader \
-                     before the deadline (lag: {}); it stays a learner",
+                     before the deadline (lag: {})",
                     lag.map_or("unknown".to_owned(), |l| l.to_string())
                 )));
             }
