@@ -67,6 +67,8 @@ struct Member {
     child: Option<Child>,
     starts: u32,
     channel: Channel,
+    /// Members added after start: `kord --join` at this client endpoint, plus these flags.
+    join: Option<(String, Vec<String>)>,
 }
 
 /// A running test cluster. Dropping it SIGKILLs every member; when dropped during a panic it
@@ -140,6 +142,7 @@ impl Cluster {
                     child: None,
                     starts: 0,
                     channel: channel_to(ports[3 * i]),
+                    join: None,
                 }
             })
             .collect();
@@ -178,11 +181,87 @@ impl Cluster {
             format!("127.0.0.1:{}", m.peer_port),
             "--listen-http".into(),
             format!("127.0.0.1:{}", m.http_port),
-            "--initial-cluster".into(),
-            self.initial_cluster.clone(),
         ];
+        match &m.join {
+            Some((endpoint, flags)) => {
+                args.extend(["--join".to_owned(), endpoint.clone()]);
+                args.extend(flags.iter().cloned());
+            }
+            None => args.extend(["--initial-cluster".to_owned(), self.initial_cluster.clone()]),
+        }
         args.extend(self.extra_args.iter().cloned());
         args
+    }
+
+    /// Starts a new, empty member with id `id` that joins the running cluster through a live
+    /// member's client endpoint (`kord --join`), with `flags` added (e.g. `--observer`). Returns
+    /// at once; wait on its membership with `Status`/`MemberList`.
+    pub fn spawn_joining(&mut self, id: u64, flags: &[&str]) {
+        self.add_joining(id, flags);
+        self.spawn_member(id);
+    }
+
+    /// Like [`Cluster::spawn_joining`] but only allocates the member's ports and directories:
+    /// start it later with [`Cluster::respawn`] (e.g. after an admin call named its address).
+    pub fn add_joining(&mut self, id: u64, flags: &[&str]) {
+        assert!(
+            self.members.iter().all(|m| m.id != id),
+            "member {id} already exists in this cluster"
+        );
+        let via = *self
+            .live_ids()
+            .first()
+            .expect("a live member to join through");
+        let endpoint = self.client_addr(via).to_string();
+        let ports = free_ports(3);
+        let dir = self
+            .root
+            .as_ref()
+            .expect("cluster root dir")
+            .path()
+            .join(format!("member-{id}"));
+        self.members.push(Member {
+            id,
+            client_port: ports[0],
+            peer_port: ports[1],
+            http_port: ports[2],
+            data_dir: dir.join("data"),
+            log_path: dir.join("kord.log"),
+            child: None,
+            starts: 0,
+            channel: channel_to(ports[0]),
+            join: Some((endpoint, flags.iter().map(|f| f.to_string()).collect())),
+        });
+    }
+
+    /// Starts a stopped member again on its data without waiting for it (it may be expected
+    /// to refuse to run).
+    pub fn respawn(&mut self, id: u64) {
+        self.spawn_member(id);
+    }
+
+    /// Waits (bounded) until member `id`'s process exits on its own; returns its exit status.
+    pub async fn wait_exit(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.member_mut(id);
+            let child = m
+                .child
+                .as_mut()
+                .unwrap_or_else(|| panic!("member {id} is not running"));
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    m.child = None;
+                    return status;
+                }
+                Ok(None) => {}
+                Err(e) => panic!("try_wait member {id}: {e}"),
+            }
+            if Instant::now() >= deadline {
+                panic!("member {id} did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
     }
 
     fn spawn_member(&mut self, id: u64) {
