@@ -205,8 +205,8 @@ fn condition(kc: &KordCluster, type_: &str, on: bool, reason: &str, message: &st
     Condition {
         type_: type_.to_string(),
         status: status.to_string(),
-        reason: reason.to_string(),
-        message: message.to_string(),
+        reason: (!reason.is_empty()).then(|| reason.to_string()),
+        message: (!message.is_empty()).then(|| message.to_string()),
         last_transition_time,
     }
 }

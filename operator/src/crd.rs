@@ -103,7 +103,7 @@ pub struct StorageSpec {
     #[serde(default = "default_storage_size")]
     pub size: String,
     /// Storage class of the claims; empty: the cluster default.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
     /// Keep data in an emptyDir instead (tests only): a deleted pod loses its data, so its
     /// member is replaced under a new id instead of restarted.
@@ -188,10 +188,12 @@ pub struct Condition {
     pub type_: String,
     /// "True", "False" or "Unknown".
     pub status: String,
-    #[serde(default)]
-    pub reason: String,
-    #[serde(default)]
-    pub message: String,
+    // Never an empty string: the Kubernetes 1.20 API server built here reads "" as null in
+    // custom resources (and refuses it); absent instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     #[serde(default)]
     pub last_transition_time: Option<String>,
 }

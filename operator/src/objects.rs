@@ -206,9 +206,12 @@ pub fn pod(kc: &KordCluster, names: &Names, id: MemberId, kind: Kind, start: Sta
             ..Volume::default()
         }
     };
+    // Protocol spelled out: server-side apply on Kubernetes < 1.21 refuses list keys left to
+    // defaulting ("associative list ... omits key field protocol").
     let port = |name: &str, port: i32| ContainerPort {
         name: Some(name.to_string()),
         container_port: port,
+        protocol: Some("TCP".into()),
         ..ContainerPort::default()
     };
     let probe = |path: &str, period: i32| Probe {
@@ -319,6 +322,7 @@ fn service(kc: &KordCluster, names: &Names, name: String, headless: bool) -> Res
     let port = |name: &str, port: i32| ServicePort {
         name: Some(name.to_string()),
         port,
+        protocol: Some("TCP".into()),
         target_port: Some(IntOrString::Int(port)),
         ..ServicePort::default()
     };
