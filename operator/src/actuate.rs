@@ -43,7 +43,10 @@ impl ActuateError {
     }
 }
 
-fn kube_err(verb: &'static str, what: impl Into<String>) -> impl FnOnce(kube::Error) -> ActuateError {
+fn kube_err(
+    verb: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(kube::Error) -> ActuateError {
     let what = what.into();
     move |source| ActuateError::Kube { verb, what, source }
 }
@@ -62,9 +65,13 @@ where
 {
     let name = obj.meta().name.clone().unwrap_or_default();
     let api = Api::<K>::namespaced(client.clone(), ns);
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .map_err(kube_err("apply", format!("{} {name}", K::kind(&()))))?;
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(kube_err("apply", format!("{} {name}", K::kind(&()))))?;
     Ok(())
 }
 
@@ -92,7 +99,10 @@ where
 {
     let api = Api::<K>::namespaced(client.clone(), ns);
     let patch = serde_json::json!({"metadata": {"labels": {LABEL_RETIRED: "true"}}});
-    match api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(kube_err("label", format!("{} {name}", K::kind(&())))(e)),
@@ -102,7 +112,10 @@ where
 /// Whether the API server serves policy/v1 PodDisruptionBudgets (1.21+; 1.20 only v1beta1).
 pub async fn serves_pdb_v1(client: &kube::Client) -> bool {
     match client.list_api_group_resources("policy/v1").await {
-        Ok(list) => list.resources.iter().any(|r| r.name == "poddisruptionbudgets"),
+        Ok(list) => list
+            .resources
+            .iter()
+            .any(|r| r.name == "poddisruptionbudgets"),
         Err(_) => false,
     }
 }
@@ -127,12 +140,23 @@ pub async fn ensure_shared(
 
 /// Records the next free member id before any object with that id exists, so a crash after
 /// creating them can never hand the same id out again.
-async fn reserve_id(client: &kube::Client, names: &Names, id: MemberId) -> Result<(), ActuateError> {
+async fn reserve_id(
+    client: &kube::Client,
+    names: &Names,
+    id: MemberId,
+) -> Result<(), ActuateError> {
     let api = Api::<KordCluster>::namespaced(client.clone(), &names.namespace);
     let patch = serde_json::json!({"status": {"nextMemberId": id + 1}});
-    api.patch_status(&names.cluster, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(kube_err("patch status of", format!("KordCluster {}", names.cluster)))?;
+    api.patch_status(
+        &names.cluster,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(kube_err(
+        "patch status of",
+        format!("KordCluster {}", names.cluster),
+    ))?;
     Ok(())
 }
 
@@ -144,7 +168,10 @@ fn leader_addr(obs: &Observation, step: &Step) -> Result<String, ActuateError> {
 }
 
 fn kind_of(obs: &Observation, id: MemberId) -> Kind {
-    obs.observed.members.get(&id).map_or(Kind::Voter, |m| m.kind)
+    obs.observed
+        .members
+        .get(&id)
+        .map_or(Kind::Voter, |m| m.kind)
 }
 
 /// Executes one step. Every step is idempotent, so a retry after a failure is harmless.
@@ -160,7 +187,8 @@ pub async fn execute(
     let create = |id: MemberId, kind: Kind, start: Start| async move {
         reserve_id(client, names, id).await?;
         if !kc.spec.storage.ephemeral {
-            apply::<PersistentVolumeClaim>(client, ns, &objects::volume(kc, names, id, kind)?).await?;
+            apply::<PersistentVolumeClaim>(client, ns, &objects::volume(kc, names, id, kind)?)
+                .await?;
         }
         apply::<Pod>(client, ns, &objects::pod(kc, names, id, kind, start)?).await
     };
@@ -168,8 +196,17 @@ pub async fn execute(
         Step::Bootstrap { id } => create(id, Kind::Voter, Start::Bootstrap).await,
         Step::CreateMember { id, kind } => create(id, kind, Start::Join).await,
         Step::CreatePod { id, bootstrap } => {
-            let start = if bootstrap { Start::Bootstrap } else { Start::Join };
-            apply::<Pod>(client, ns, &objects::pod(kc, names, id, kind_of(obs, id), start)?).await
+            let start = if bootstrap {
+                Start::Bootstrap
+            } else {
+                Start::Join
+            };
+            apply::<Pod>(
+                client,
+                ns,
+                &objects::pod(kc, names, id, kind_of(obs, id), start)?,
+            )
+            .await
         }
         Step::Retire { id, .. } => {
             label_retired::<PersistentVolumeClaim>(client, ns, &names.volume(id)).await?;
@@ -206,7 +243,13 @@ pub fn reason(step: &Step) -> &'static str {
 }
 
 /// Publishes an Event on the KordCluster; a failure to record is logged, never fatal.
-pub async fn event(recorder: &Recorder, kc: &KordCluster, type_: EventType, reason: &str, note: String) {
+pub async fn event(
+    recorder: &Recorder,
+    kc: &KordCluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let ev = Event {
         type_,
         reason: reason.to_string(),

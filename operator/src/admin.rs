@@ -70,7 +70,10 @@ async fn connect(endpoint: &str, timeout: Duration) -> Result<ClusterClient<Chan
     Ok(ClusterClient::new(channel))
 }
 
-fn rpc_error<'a>(rpc: &'static str, endpoint: &'a str) -> impl FnOnce(tonic::Status) -> AdminError + 'a {
+fn rpc_error<'a>(
+    rpc: &'static str,
+    endpoint: &'a str,
+) -> impl FnOnce(tonic::Status) -> AdminError + 'a {
     move |status| AdminError::Rpc {
         rpc,
         endpoint: endpoint.to_string(),
@@ -83,7 +86,11 @@ fn convert(m: &Member) -> RaftMember {
         id: m.id,
         role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Learner),
         lag: m.lag,
-        last_contact_ms: if m.is_leader { Some(0) } else { m.last_contact_ms },
+        last_contact_ms: if m.is_leader {
+            Some(0)
+        } else {
+            m.last_contact_ms
+        },
     }
 }
 

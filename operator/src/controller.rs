@@ -18,7 +18,7 @@ use crate::actuate::{self, ActuateError};
 use crate::crd::{Condition, KordCluster, KordClusterStatus, SpecError};
 use crate::metrics::{ErrorLabels, Metrics, StepLabels};
 use crate::objects::{Names, ObjectError, LABEL_MANAGED_BY, MANAGER};
-use crate::observe::{self, ObserveError, Observation};
+use crate::observe::{self, Observation, ObserveError};
 use crate::plan::{self, majority, Desired, Plan, RaftRole, Step, Wait, DEFAULT_JOIN_TIMEOUT_MS};
 
 /// After a step: look again soon (the next step usually follows right away).
@@ -69,7 +69,11 @@ pub struct Context {
 }
 
 impl Context {
-    pub async fn new(client: kube::Client, metrics: Arc<Metrics>, member_endpoint: Option<String>) -> Context {
+    pub async fn new(
+        client: kube::Client,
+        metrics: Arc<Metrics>,
+        member_endpoint: Option<String>,
+    ) -> Context {
         let reporter = Reporter {
             controller: MANAGER.to_string(),
             instance: std::env::var("POD_NAME").ok(),
@@ -111,7 +115,9 @@ pub async fn reconcile(kc: Arc<KordCluster>, ctx: Arc<Context>) -> Result<Action
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let result = reconcile_inner(&kc, &ctx).await;
-    ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
     result
 }
 
@@ -120,7 +126,14 @@ async fn reconcile_inner(kc: &KordCluster, ctx: &Context) -> Result<Action, Erro
     let desired = match desired(kc) {
         Ok(d) => d,
         Err(e) => {
-            actuate::event(&ctx.recorder, kc, EventType::Warning, "InvalidSpec", e.to_string()).await;
+            actuate::event(
+                &ctx.recorder,
+                kc,
+                EventType::Warning,
+                "InvalidSpec",
+                e.to_string(),
+            )
+            .await;
             let status = degraded_status(kc, &names, "InvalidSpec", &e.to_string());
             patch_status(ctx, &names, &status).await?;
             return Err(e.into());
@@ -128,9 +141,17 @@ async fn reconcile_inner(kc: &KordCluster, ctx: &Context) -> Result<Action, Erro
     };
     actuate::ensure_shared(&ctx.client, kc, &names, ctx.pdb_v1).await?;
     if !ctx.pdb_v1 && warn_once(ctx, &names) {
-        let note = "the API server does not serve policy/v1 PodDisruptionBudgets (Kubernetes < 1.21): \
+        let note =
+            "the API server does not serve policy/v1 PodDisruptionBudgets (Kubernetes < 1.21): \
                     no disruption budget is created; drain nodes one at a time";
-        actuate::event(&ctx.recorder, kc, EventType::Warning, "NoPodDisruptionBudget", note.into()).await;
+        actuate::event(
+            &ctx.recorder,
+            kc,
+            EventType::Warning,
+            "NoPodDisruptionBudget",
+            note.into(),
+        )
+        .await;
     }
     let endpoint = ctx
         .member_endpoint
@@ -145,16 +166,35 @@ async fn reconcile_inner(kc: &KordCluster, ctx: &Context) -> Result<Action, Erro
         let label = actuate::reason(step).to_string();
         match &result {
             Ok(()) => {
-                ctx.metrics.steps.get_or_create(&StepLabels { step: label.clone() }).inc();
-                actuate::event(&ctx.recorder, kc, EventType::Normal, &label, step.to_string()).await;
+                ctx.metrics
+                    .steps
+                    .get_or_create(&StepLabels {
+                        step: label.clone(),
+                    })
+                    .inc();
+                actuate::event(
+                    &ctx.recorder,
+                    kc,
+                    EventType::Normal,
+                    &label,
+                    step.to_string(),
+                )
+                .await;
             }
             Err(e) => {
                 let note = format!("{step} failed: {e}");
-                actuate::event(&ctx.recorder, kc, EventType::Warning, &format!("{label}Failed"), note).await;
+                actuate::event(
+                    &ctx.recorder,
+                    kc,
+                    EventType::Warning,
+                    &format!("{label}Failed"),
+                    note,
+                )
+                .await;
             }
         }
     }
-    let status = status(kc, &names, &desired, &obs, &planned);
+    let status = status(kc, &names, &obs, &planned);
     patch_status(ctx, &names, &status).await?;
     result?;
     Ok(match planned {
@@ -177,17 +217,27 @@ pub fn error_policy(_kc: Arc<KordCluster>, error: &Error, ctx: Arc<Context>) -> 
     tracing::warn!(%error, "reconcile failed");
     ctx.metrics
         .errors
-        .get_or_create(&ErrorLabels { kind: error.metric_label().to_string() })
+        .get_or_create(&ErrorLabels {
+            kind: error.metric_label().to_string(),
+        })
         .inc();
     Action::requeue(REQUEUE_ERROR)
 }
 
-async fn patch_status(ctx: &Context, names: &Names, status: &KordClusterStatus) -> Result<(), Error> {
+async fn patch_status(
+    ctx: &Context,
+    names: &Names,
+    status: &KordClusterStatus,
+) -> Result<(), Error> {
     let api = Api::<KordCluster>::namespaced(ctx.client.clone(), &names.namespace);
     let patch = serde_json::json!({ "status": status });
-    api.patch_status(&names.cluster, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(Error::Status)?;
+    api.patch_status(
+        &names.cluster,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::Status)?;
     Ok(())
 }
 
@@ -211,7 +261,12 @@ fn condition(kc: &KordCluster, type_: &str, on: bool, reason: &str, message: &st
     }
 }
 
-fn degraded_status(kc: &KordCluster, names: &Names, reason: &str, message: &str) -> KordClusterStatus {
+fn degraded_status(
+    kc: &KordCluster,
+    names: &Names,
+    reason: &str,
+    message: &str,
+) -> KordClusterStatus {
     let mut status = kc.status.clone().unwrap_or_default();
     status.observed_generation = kc.metadata.generation;
     status.phase = Some("Degraded".into());
@@ -228,18 +283,25 @@ fn degraded_status(kc: &KordCluster, names: &Names, reason: &str, message: &str)
 pub fn status(
     kc: &KordCluster,
     names: &Names,
-    desired: &Desired,
     obs: &Observation,
     planned: &Plan,
 ) -> KordClusterStatus {
     let o = &obs.observed;
-    let voters = o.members.values().filter(|m| m.raft == Some(RaftRole::Voter)).count();
+    let voters = o
+        .members
+        .values()
+        .filter(|m| m.raft == Some(RaftRole::Voter))
+        .count();
     let healthy_voters = o
         .members
         .values()
         .filter(|m| m.raft == Some(RaftRole::Voter) && m.healthy)
         .count();
-    let ready = o.members.values().filter(|m| m.raft.is_some() && m.healthy).count();
+    let ready = o
+        .members
+        .values()
+        .filter(|m| m.raft.is_some() && m.healthy)
+        .count();
     let available = o.raft.is_some() && voters > 0 && healthy_voters >= majority(voters);
     let reserved = match planned {
         Plan::Act(Step::Bootstrap { id } | Step::CreateMember { id, .. }) => id + 1,
@@ -260,7 +322,6 @@ pub fn status(
         Plan::Wait(wait) => ("Reconciling", wait.to_string(), None),
     };
     let converged = matches!(planned, Plan::Converged);
-    let _ = desired;
     KordClusterStatus {
         observed_generation: kc.metadata.generation,
         phase: Some(phase.to_string()),
@@ -277,7 +338,11 @@ pub fn status(
                 kc,
                 "Available",
                 available,
-                if available { "QuorumHealthy" } else { "NoQuorum" },
+                if available {
+                    "QuorumHealthy"
+                } else {
+                    "NoQuorum"
+                },
                 &format!("{healthy_voters} of {voters} voters healthy"),
             ),
             condition(
@@ -299,7 +364,10 @@ fn phase_of(step: &Step) -> &'static str {
     match step {
         Step::Bootstrap { .. } => "Bootstrapping",
         Step::RestartPod { .. } => "Updating",
-        Step::Retire { reason: plan::RetireReason::Outdated, .. } => "Updating",
+        Step::Retire {
+            reason: plan::RetireReason::Outdated,
+            ..
+        } => "Updating",
         Step::Retire {
             reason: plan::RetireReason::DataLost | plan::RetireReason::Unhealthy,
             ..
@@ -318,14 +386,23 @@ fn wait_reason(wait: &Wait) -> &'static str {
 }
 
 /// Runs the controller until the process is signalled. `namespace`: watch only that one.
-pub async fn run(client: kube::Client, namespace: Option<String>, metrics: Arc<Metrics>, member_endpoint: Option<String>) {
+pub async fn run(
+    client: kube::Client,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+    member_endpoint: Option<String>,
+) {
     let (clusters, pods, volumes) = match &namespace {
         Some(ns) => (
             Api::<KordCluster>::namespaced(client.clone(), ns),
             Api::<Pod>::namespaced(client.clone(), ns),
             Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
     };
     let ctx = Arc::new(Context::new(client, metrics, member_endpoint).await);
     let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));

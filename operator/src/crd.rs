@@ -20,6 +20,8 @@ pub const DEFAULT_STORAGE_SIZE: &str = "1Gi";
 
 /// A Kord cluster: `replicas` voting members (plus optional non-voting observers), each a pod
 /// with its own volume, reconciled into Raft membership one safe step at a time.
+// Several `printcolumn(type_ = ..)` read as duplicated attributes to clippy.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kord.io",
@@ -35,11 +37,30 @@ pub const DEFAULT_STORAGE_SIZE: &str = "1Gi";
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas", description = "Voting members wanted"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyMembers", description = "Healthy members"),
-    printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader", description = "Pod of the Raft leader"),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Voting members wanted"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyMembers",
+        description = "Healthy members"
+    ),
+    printcolumn(
+        name = "Leader",
+        type_ = "string",
+        json_path = ".status.leader",
+        description = "Pod of the Raft leader"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct KordClusterSpec {
@@ -264,8 +285,8 @@ mod tests {
         use kube::CustomResourceExt;
         let crd = serde_json::to_value(KordCluster::crd()).expect("crd serializes");
         let version = &crd["spec"]["versions"][0];
-        let replicas = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-            ["replicas"];
+        let replicas =
+            &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["replicas"];
         assert_eq!(replicas["minimum"], 1.0);
         assert_eq!(replicas["maximum"], 7.0);
         assert_eq!(

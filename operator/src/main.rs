@@ -29,7 +29,11 @@ struct RunArgs {
     #[arg(long, env = "KORD_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
     /// Address for /metrics and /healthz.
-    #[arg(long, env = "KORD_OPERATOR_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "KORD_OPERATOR_METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
     metrics_addr: SocketAddr,
     /// Reach members here instead of "<cluster>.<namespace>.svc:7379" (for an operator running
     /// outside the cluster, e.g. through a port-forward).
@@ -51,7 +55,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if run.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }

@@ -47,10 +47,25 @@ impl Default for Metrics {
             steps: Family::default(),
         };
         registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
-        registry.register("reconcile_errors", "Reconciles that failed, by kind", metrics.errors.clone());
-        registry.register("reconcile_duration_seconds", "Time per reconcile", metrics.duration.clone());
-        registry.register("steps", "Steps executed (membership changes and object changes), by step", metrics.steps.clone());
-        Metrics { registry, ..metrics }
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by kind",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time per reconcile",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "steps",
+            "Steps executed (membership changes and object changes), by step",
+            metrics.steps.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
     }
 }
 
@@ -82,7 +97,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     let (status, body) = match req.uri().path() {
                         "/metrics" => (StatusCode::OK, metrics.encode()),
                         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                        _ => (StatusCode::NOT_FOUND, "try /metrics or /healthz\n".to_string()),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "try /metrics or /healthz\n".to_string(),
+                        ),
                     };
                     let mut resp = Response::new(Full::new(Bytes::from(body)));
                     *resp.status_mut() = status;

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource,
-    ConfigMapEnvSource, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSpec, Probe,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    Affinity, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    PodSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -129,7 +129,11 @@ fn owner(kc: &KordCluster) -> Result<OwnerReference, ObjectError> {
     kc.controller_owner_ref(&()).ok_or(ObjectError::Unstored)
 }
 
-fn meta(kc: &KordCluster, name: String, labels: BTreeMap<String, String>) -> Result<ObjectMeta, ObjectError> {
+fn meta(
+    kc: &KordCluster,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> Result<ObjectMeta, ObjectError> {
     Ok(ObjectMeta {
         name: Some(name),
         namespace: kc.namespace(),
@@ -140,7 +144,12 @@ fn meta(kc: &KordCluster, name: String, labels: BTreeMap<String, String>) -> Res
 }
 
 /// The member's volume claim, named by member id so a new id always gets a fresh volume.
-pub fn volume(kc: &KordCluster, names: &Names, id: MemberId, kind: Kind) -> Result<PersistentVolumeClaim, ObjectError> {
+pub fn volume(
+    kc: &KordCluster,
+    names: &Names,
+    id: MemberId,
+    kind: Kind,
+) -> Result<PersistentVolumeClaim, ObjectError> {
     let storage = &kc.spec.storage;
     Ok(PersistentVolumeClaim {
         metadata: meta(kc, names.volume(id), names.member_labels(id, kind))?,
@@ -169,7 +178,13 @@ pub enum Start {
     Join,
 }
 
-pub fn pod(kc: &KordCluster, names: &Names, id: MemberId, kind: Kind, start: Start) -> Result<Pod, ObjectError> {
+pub fn pod(
+    kc: &KordCluster,
+    names: &Names,
+    id: MemberId,
+    kind: Kind,
+    start: Start,
+) -> Result<Pod, ObjectError> {
     let spec = &kc.spec;
     let host = names.host(id);
     let mut args = vec![
@@ -261,7 +276,16 @@ pub fn pod(kc: &KordCluster, names: &Names, id: MemberId, kind: Kind, start: Sta
             // The operator recreates a member's pod itself, on the same volume, only when safe.
             restart_policy: Some("Always".into()),
             automount_service_account_token: Some(false),
-            affinity: Some(spec.affinity.clone().unwrap_or_else(|| default_affinity(names))),
+            // The Dockerfile's image runs as uid 65532: let it write its volume.
+            security_context: Some(PodSecurityContext {
+                fs_group: Some(65532),
+                ..PodSecurityContext::default()
+            }),
+            affinity: Some(
+                spec.affinity
+                    .clone()
+                    .unwrap_or_else(|| default_affinity(names)),
+            ),
             tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
             node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
             termination_grace_period_seconds: Some(30),
@@ -318,7 +342,12 @@ fn default_affinity(names: &Names) -> Affinity {
     }
 }
 
-fn service(kc: &KordCluster, names: &Names, name: String, headless: bool) -> Result<Service, ObjectError> {
+fn service(
+    kc: &KordCluster,
+    names: &Names,
+    name: String,
+    headless: bool,
+) -> Result<Service, ObjectError> {
     let port = |name: &str, port: i32| ServicePort {
         name: Some(name.to_string()),
         port,
@@ -407,15 +436,28 @@ mod tests {
         let kc = cluster(serde_json::json!({"replicas": 3}));
         let names = Names::of(&kc).expect("names");
         let args = |start| {
-            pod(&kc, &names, 4, Kind::Voter, start).expect("pod").spec.expect("spec").containers[0]
+            pod(&kc, &names, 4, Kind::Voter, start)
+                .expect("pod")
+                .spec
+                .expect("spec")
+                .containers[0]
                 .args
                 .clone()
                 .expect("args")
         };
         let boot = args(Start::Bootstrap);
-        assert!(boot.contains(&"--initial-cluster=4=demo-4.demo-peer.ns.svc:7380@demo-4.demo-peer.ns.svc:7379".to_string()), "{boot:?}");
+        assert!(
+            boot.contains(
+                &"--initial-cluster=4=demo-4.demo-peer.ns.svc:7380@demo-4.demo-peer.ns.svc:7379"
+                    .to_string()
+            ),
+            "{boot:?}"
+        );
         let join = args(Start::Join);
-        assert!(join.contains(&"--join=demo.ns.svc:7379".to_string()), "{join:?}");
+        assert!(
+            join.contains(&"--join=demo.ns.svc:7379".to_string()),
+            "{join:?}"
+        );
         assert!(join.contains(&"--join-as-learner".to_string()));
         assert!(!join.iter().any(|a| a.starts_with("--initial-cluster")));
     }
@@ -431,7 +473,10 @@ mod tests {
         assert_eq!(p.annotations().get("a").map(String::as_str), Some("b"));
         let spec = p.spec.expect("spec");
         assert_eq!(spec.priority_class_name.as_deref(), Some("high"));
-        assert_eq!(spec.containers[0].name, "kord", "the rest of the pod is kept");
+        assert_eq!(
+            spec.containers[0].name, "kord",
+            "the rest of the pod is kept"
+        );
         assert!(spec.affinity.is_some(), "default anti-affinity");
     }
 }

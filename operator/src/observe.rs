@@ -77,7 +77,15 @@ pub async fn observe(
     } else {
         (None, None)
     };
-    Ok(assemble(kc, names, &pods, &volumes, membership, membership_error, now))
+    Ok(assemble(
+        kc,
+        names,
+        &pods,
+        &volumes,
+        membership,
+        membership_error,
+        now,
+    ))
 }
 
 fn describe(e: &AdminError) -> String {
@@ -85,7 +93,11 @@ fn describe(e: &AdminError) -> String {
 }
 
 fn member_id(labels: &BTreeMap<String, String>) -> Option<MemberId> {
-    labels.get(LABEL_MEMBER_ID)?.parse().ok().filter(|&id| id > 0)
+    labels
+        .get(LABEL_MEMBER_ID)?
+        .parse()
+        .ok()
+        .filter(|&id| id > 0)
 }
 
 fn millis(t: &Timestamp) -> Millis {
@@ -132,12 +144,18 @@ pub fn assemble(
         created_at: created,
     };
     let created = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        meta.creation_timestamp.as_ref().map_or(now, |t| millis(&t.0))
+        meta.creation_timestamp
+            .as_ref()
+            .map_or(now, |t| millis(&t.0))
     };
     let mut ready_since: BTreeMap<MemberId, (bool, Millis)> = BTreeMap::new();
     for pvc in volumes {
-        let Some(id) = member_id(pvc.labels()) else { continue };
-        let m = members.entry(id).or_insert_with(|| blank(created(&pvc.metadata)));
+        let Some(id) = member_id(pvc.labels()) else {
+            continue;
+        };
+        let m = members
+            .entry(id)
+            .or_insert_with(|| blank(created(&pvc.metadata)));
         m.created_at = m.created_at.min(created(&pvc.metadata));
         m.retired |= pvc.labels().get(LABEL_RETIRED).is_some_and(|v| v == "true");
         m.kind = kind_of(pvc.labels());
@@ -147,8 +165,12 @@ pub fn assemble(
         }
     }
     for pod in pods {
-        let Some(id) = member_id(pod.labels()) else { continue };
-        let m = members.entry(id).or_insert_with(|| blank(created(&pod.metadata)));
+        let Some(id) = member_id(pod.labels()) else {
+            continue;
+        };
+        let m = members
+            .entry(id)
+            .or_insert_with(|| blank(created(&pod.metadata)));
         m.created_at = m.created_at.min(created(&pod.metadata));
         m.retired |= pod.labels().get(LABEL_RETIRED).is_some_and(|v| v == "true");
         m.kind = kind_of(pod.labels());
@@ -254,7 +276,10 @@ mod tests {
     use crate::plan::Kind as PlanKind;
 
     fn cluster() -> KordCluster {
-        let mut kc = KordCluster::new("demo", serde_json::from_value(serde_json::json!({"replicas": 3})).expect("spec"));
+        let mut kc = KordCluster::new(
+            "demo",
+            serde_json::from_value(serde_json::json!({"replicas": 3})).expect("spec"),
+        );
         kc.metadata.namespace = Some("ns".into());
         kc.metadata.uid = Some("u".into());
         kc
@@ -275,17 +300,36 @@ mod tests {
         let kc = cluster();
         let names = Names::of(&kc).expect("names");
         let pods: Vec<Pod> = vec![labelled(1, &[]), labelled(3, &[(LABEL_KIND, "observer")])];
-        let volumes: Vec<PersistentVolumeClaim> = vec![labelled(1, &[]), labelled(2, &[(LABEL_RETIRED, "true")])];
+        let volumes: Vec<PersistentVolumeClaim> =
+            vec![labelled(1, &[]), labelled(2, &[(LABEL_RETIRED, "true")])];
         let membership = Membership {
             leader: 1,
             leader_addr: "x:1".into(),
             change_in_progress: false,
             members: vec![
-                RaftMember { id: 1, role: MemberRole::Voter, lag: 0, last_contact_ms: Some(0) },
-                RaftMember { id: 7, role: MemberRole::Learner, lag: 40, last_contact_ms: Some(60_000) },
+                RaftMember {
+                    id: 1,
+                    role: MemberRole::Voter,
+                    lag: 0,
+                    last_contact_ms: Some(0),
+                },
+                RaftMember {
+                    id: 7,
+                    role: MemberRole::Learner,
+                    lag: 40,
+                    last_contact_ms: Some(60_000),
+                },
             ],
         };
-        let o = assemble(&kc, &names, &pods, &volumes, Some(membership), None, 1_000_000);
+        let o = assemble(
+            &kc,
+            &names,
+            &pods,
+            &volumes,
+            Some(membership),
+            None,
+            1_000_000,
+        );
         let ms = &o.observed.members;
         assert_eq!(ms.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 7]);
         assert!(ms[&1].volume && ms[&1].pod.is_some() && ms[&1].raft == Some(RaftRole::Voter));

@@ -103,24 +103,48 @@ pub struct Pod {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Form the cluster: the first member's volume and pod, with `--initial-cluster` of itself.
-    Bootstrap { id: MemberId },
+    Bootstrap {
+        id: MemberId,
+    },
     /// A new member's volume and pod, joining as a learner (never reuses an id).
-    CreateMember { id: MemberId, kind: Kind },
+    CreateMember {
+        id: MemberId,
+        kind: Kind,
+    },
     /// Recreate a member's pod on its intact volume.
-    CreatePod { id: MemberId, bootstrap: bool },
+    CreatePod {
+        id: MemberId,
+        bootstrap: bool,
+    },
     /// Record on the member's objects that it is to be removed.
-    Retire { id: MemberId, reason: RetireReason },
+    Retire {
+        id: MemberId,
+        reason: RetireReason,
+    },
     /// Learner to voter (joint consensus).
-    Promote { id: MemberId },
-    TransferLeader { from: MemberId, to: MemberId },
+    Promote {
+        id: MemberId,
+    },
+    TransferLeader {
+        from: MemberId,
+        to: MemberId,
+    },
     /// Out of the Raft membership (joint consensus for voters).
-    RemoveMember { id: MemberId },
+    RemoveMember {
+        id: MemberId,
+    },
     /// Rolling update: delete the pod; `CreatePod` brings it back on the same volume.
-    RestartPod { id: MemberId },
+    RestartPod {
+        id: MemberId,
+    },
     /// Delete the pod of an id that is not a Raft member.
-    DeletePod { id: MemberId },
+    DeletePod {
+        id: MemberId,
+    },
     /// Delete the volume of an id that is not a Raft member and has no pod.
-    DeleteVolume { id: MemberId },
+    DeleteVolume {
+        id: MemberId,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,14 +171,26 @@ pub enum Wait {
     /// Every member's data is gone after the cluster was formed. Degraded: needs a human.
     AllDataLost,
     /// Fewer than a majority of voters are healthy. Degraded: nothing destructive is done.
-    QuorumUnhealthy { healthy: usize, voters: usize },
+    QuorumUnhealthy {
+        healthy: usize,
+        voters: usize,
+    },
     ChangeInProgress,
-    Joining { id: MemberId },
-    CatchingUp { id: MemberId, lag: u64 },
+    Joining {
+        id: MemberId,
+    },
+    CatchingUp {
+        id: MemberId,
+        lag: u64,
+    },
     /// The next step would leave too few healthy voters; waiting for members to recover.
-    QuorumAtRisk { id: MemberId },
+    QuorumAtRisk {
+        id: MemberId,
+    },
     /// A rolling update waits for every member to be healthy again.
-    Recovering { id: MemberId },
+    Recovering {
+        id: MemberId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -485,8 +521,12 @@ impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Step::Bootstrap { id } => write!(f, "bootstrap the cluster with member {id}"),
-            Step::CreateMember { id, kind } => write!(f, "create member {id} ({kind:?}) as a learner"),
-            Step::CreatePod { id, .. } => write!(f, "recreate the pod of member {id} on its volume"),
+            Step::CreateMember { id, kind } => {
+                write!(f, "create member {id} ({kind:?}) as a learner")
+            }
+            Step::CreatePod { id, .. } => {
+                write!(f, "recreate the pod of member {id} on its volume")
+            }
             Step::Retire { id, reason } => write!(f, "retire member {id} ({reason:?})"),
             Step::Promote { id } => write!(f, "promote member {id} to voter"),
             Step::TransferLeader { from, to } => {

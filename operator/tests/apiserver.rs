@@ -23,10 +23,14 @@ const WAIT: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(500);
 
 async fn client() -> Option<kube::Client> {
-    let Some(path) = std::env::var_os("KORD_TEST_KUBECONFIG") else {
-        eprintln!(
-            "SKIPPED: KORD_TEST_KUBECONFIG is not set, so there is no API server to test against \
-             (scripts/test.sh sets it when a local cluster is up)"
+    // KORD_K8S_KUBECONFIG: what scripts/k8s/e2e.sh exports for the local cluster it runs.
+    let path = std::env::var_os("KORD_TEST_KUBECONFIG")
+        .or_else(|| std::env::var_os("KORD_K8S_KUBECONFIG"));
+    let Some(path) = path else {
+        println!(
+            "SKIPPED: neither KORD_TEST_KUBECONFIG nor KORD_K8S_KUBECONFIG names a kubeconfig, so \
+             there is no API server to test the operator against (run it under scripts/k8s/e2e.sh \
+             or point KORD_TEST_KUBECONFIG at a cluster you may create namespaces in)"
         );
         return None;
     };
@@ -48,7 +52,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
         tokio::time::sleep(POLL).await;
     }
 }
@@ -135,16 +142,34 @@ async fn exercise(client: &kube::Client, ns: &str, metrics: &Metrics) {
         async move { pods.get_opt("demo-1").await.ok().flatten() }
     })
     .await;
-    let owned = |refs: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
-        refs.is_some_and(|rs| rs.iter().any(|r| r.uid == uid && r.controller == Some(true)))
-    };
-    assert!(owned(pod.metadata.owner_references.as_ref()), "pod owned by the cluster");
-    let args = pod.spec.expect("spec").containers[0].args.clone().expect("args");
+    let owned =
+        |refs: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+            refs.is_some_and(|rs| {
+                rs.iter()
+                    .any(|r| r.uid == uid && r.controller == Some(true))
+            })
+        };
     assert!(
-        args.iter().any(|a| a.starts_with("--initial-cluster=1=demo-1.demo-peer.")),
+        owned(pod.metadata.owner_references.as_ref()),
+        "pod owned by the cluster"
+    );
+    let args = pod.spec.expect("spec").containers[0]
+        .args
+        .clone()
+        .expect("args");
+    assert!(
+        args.iter()
+            .any(|a| a.starts_with("--initial-cluster=1=demo-1.demo-peer.")),
         "the first member bootstraps: {args:?}"
     );
-    assert_eq!(pod.metadata.labels.as_ref().and_then(|l| l.get("kord.io/member-id")).map(String::as_str), Some("1"));
+    assert_eq!(
+        pod.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kord.io/member-id"))
+            .map(String::as_str),
+        Some("1")
+    );
     let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
         .get("data-demo-1")
         .await
@@ -161,7 +186,10 @@ async fn exercise(client: &kube::Client, ns: &str, metrics: &Metrics) {
         .await
         .expect("config map");
     assert_eq!(
-        config.data.and_then(|d| d.get("KORD_ELECTION_TIMEOUT").cloned()).as_deref(),
+        config
+            .data
+            .and_then(|d| d.get("KORD_ELECTION_TIMEOUT").cloned())
+            .as_deref(),
         Some("2s")
     );
 
@@ -179,7 +207,10 @@ async fn exercise(client: &kube::Client, ns: &str, metrics: &Metrics) {
         status.selector.as_deref(),
         Some("app.kubernetes.io/component=member,app.kubernetes.io/instance=demo,app.kubernetes.io/name=kord")
     );
-    assert!(status.conditions.iter().any(|c| c.type_ == "Available" && c.status == "False"));
+    assert!(status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Available" && c.status == "False"));
     assert!(!status.bootstrapped);
 
     // Events: the bootstrap step, and (Kubernetes < 1.21) the missing policy/v1 PDB.
@@ -202,24 +233,41 @@ async fn exercise(client: &kube::Client, ns: &str, metrics: &Metrics) {
 
     // `kubectl scale kord/demo --replicas=3` is a patch of the scale subresource.
     clusters
-        .patch_scale("demo", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 3}})))
+        .patch_scale(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 3}})),
+        )
         .await
         .expect("scale subresource");
     let kc = clusters.get("demo").await.expect("cluster");
     assert_eq!(kc.spec.replicas, 3);
     let scale = clusters.get_scale("demo").await.expect("scale");
     assert_eq!(scale.spec.and_then(|s| s.replicas), Some(3));
-    let selector = scale.status.map(|s| s.selector.unwrap_or_default()).unwrap_or_default();
-    assert!(selector.contains("app.kubernetes.io/instance=demo"), "{selector}");
+    let selector = scale
+        .status
+        .map(|s| s.selector.unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        selector.contains("app.kubernetes.io/instance=demo"),
+        "{selector}"
+    );
 
     // The schema bounds replicas to 1..=7.
     let err = clusters
-        .patch_scale("demo", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 9}})))
+        .patch_scale(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 9}})),
+        )
         .await
         .expect_err("9 replicas refused");
     assert!(err.to_string().contains("replicas"), "{err}");
 
     // Still bootstrapping (the member is not reachable from here): no second member yet.
-    assert!(pods.get_opt("demo-2").await.expect("get").is_none(), "one step at a time");
+    assert!(
+        pods.get_opt("demo-2").await.expect("get").is_none(),
+        "one step at a time"
+    );
     assert!(metrics.encode().contains("kord_operator_reconciles_total"));
 }

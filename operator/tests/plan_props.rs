@@ -262,8 +262,7 @@ impl World {
                 }
             }
             Step::TransferLeader { to, .. } => {
-                if self.raft.get(&to).is_some_and(|e| e.0 == RaftRole::Voter) && self.healthy(to)
-                {
+                if self.raft.get(&to).is_some_and(|e| e.0 == RaftRole::Voter) && self.healthy(to) {
                     self.leader = Some(to);
                 }
             }
@@ -538,7 +537,11 @@ impl World {
     fn converged(&self) -> Result<(), String> {
         let voters = self.voters();
         if voters.len() != self.desired.voters {
-            return Err(format!("{} voters, want {}", voters.len(), self.desired.voters));
+            return Err(format!(
+                "{} voters, want {}",
+                voters.len(),
+                self.desired.voters
+            ));
         }
         if !voters.iter().all(|&v| self.healthy(v)) {
             return Err("an unhealthy voter".into());
@@ -549,13 +552,19 @@ impl World {
             .filter(|(_, (r, _))| *r == RaftRole::Learner)
             .count();
         if observers != self.desired.observers {
-            return Err(format!("{observers} observers, want {}", self.desired.observers));
+            return Err(format!(
+                "{observers} observers, want {}",
+                self.desired.observers
+            ));
         }
         for id in self.ids() {
             if !self.raft.contains_key(&id) {
                 return Err(format!("leftover objects of non-member {id}"));
             }
-            let pod = self.pods.get(&id).ok_or(format!("member {id} has no pod"))?;
+            let pod = self
+                .pods
+                .get(&id)
+                .ok_or(format!("member {id} has no pod"))?;
             if pod.image != self.desired.image {
                 return Err(format!("member {id} runs {}", pod.image));
             }
@@ -614,14 +623,24 @@ fn run(voters: usize, ephemeral: bool, ops: &[Op]) -> Result<(), TestCaseError> 
         let planned = world.reconcile(Crash::None)?;
         if planned == Plan::Converged {
             let verdict = world.converged();
-            prop_assert!(verdict.is_ok(), "converged plan but {:?}: {:?}", verdict, world);
+            prop_assert!(
+                verdict.is_ok(),
+                "converged plan but {:?}: {:?}",
+                verdict,
+                world
+            );
             return Ok(());
         }
         world.settle();
     }
     let desired = world.desired.clone();
     let last = plan(&desired, &world.observe());
-    prop_assert!(false, "no convergence; last plan {:?}; world {:?}", last, world);
+    prop_assert!(
+        false,
+        "no convergence; last plan {:?}; world {:?}",
+        last,
+        world
+    );
     Ok(())
 }
 
@@ -646,7 +665,12 @@ fn crash_between_steps_replans_safely() {
     let mut world = World::new(3, 1, false);
     for round in 0..200 {
         let before = world.clone();
-        let crash = [Crash::None, Crash::Before, Crash::Partial(0), Crash::Partial(1)][round % 4];
+        let crash = [
+            Crash::None,
+            Crash::Before,
+            Crash::Partial(0),
+            Crash::Partial(1),
+        ][round % 4];
         let first = world.reconcile(crash).expect("safe step");
         // The same reconcile again right away (as after a crash and restart).
         world.reconcile(Crash::None).expect("safe replanned step");
@@ -695,7 +719,11 @@ fn scale_up_joins_one_learner_at_a_time_then_promotes() {
             _ => "other",
         })
         .collect();
-    assert_eq!(kinds, ["create", "promote", "create", "promote"], "{steps:?}");
+    assert_eq!(
+        kinds,
+        ["create", "promote", "create", "promote"],
+        "{steps:?}"
+    );
 }
 
 #[test]
