@@ -195,7 +195,10 @@ async fn reconcile_inner(kc: &KordCluster, ctx: &Context) -> Result<Action, Erro
         }
     }
     let status = status(kc, &names, &obs, &planned);
-    patch_status(ctx, &names, &status).await?;
+    // An unchanged status is not written: each write is a watch event that triggers a reconcile.
+    if kc.status.as_ref() != Some(&status) {
+        patch_status(ctx, &names, &status).await?;
+    }
     result?;
     Ok(match planned {
         Plan::Act(_) => Action::requeue(REQUEUE_AFTER_STEP),

@@ -479,13 +479,14 @@ fn rolling_update(desired: &Desired, obs: &Observed, voters: &[MemberId]) -> Pla
         .map(|(&id, _)| id)
         .collect();
     order.sort_by_key(|&id| (members[&id].is_voter(), id == leader, id));
-    let Some(&id) = order.first() else {
-        return Plan::Converged;
-    };
-    // One member down at a time: the previous one must be back first.
+    // One member down at a time: the previous one must be back first. A member unhealthy for
+    // less than the grace period is waited for, not replaced (and the cluster is not converged).
     if let Some((&sick, _)) = members.iter().find(|(_, m)| !m.healthy) {
         return Plan::Wait(Wait::Recovering { id: sick });
     }
+    let Some(&id) = order.first() else {
+        return Plan::Converged;
+    };
     let m = &members[&id];
     // No data survives a restart on ephemeral storage, and with one or two voters a restart
     // loses quorum: replace those under a new id instead (learner, promote, then remove).

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kord_operator::plan::{
     majority, plan, Desired, Kind, Member, MemberId, Millis, Observed, Plan, Pod, RaftRole,
-    RaftView, Step, CAUGHT_UP_LAG,
+    RaftView, Step, Wait, CAUGHT_UP_LAG,
 };
 use proptest::prelude::*;
 
@@ -591,13 +591,13 @@ fn op() -> impl Strategy<Value = Op> {
         4 => id.prop_map(Op::Ready),
         3 => id.prop_map(Op::Join),
         3 => id.prop_map(Op::CatchUp),
-        2 => id.prop_map(Op::Fail),
+        4 => id.prop_map(Op::Fail),
         1 => id.prop_map(Op::Stuck),
         1 => id.prop_map(Op::Evict),
         1 => id.prop_map(Op::LoseVolume),
         2 => Just(Op::Elect),
         2 => (1_000u64..200_000).prop_map(Op::Tick),
-        1 => (1usize..=7, 0usize..=2, 0u8..3).prop_map(|(voters, observers, image)| Op::Spec {
+        2 => (1usize..=7, 0usize..=2, 0u8..3).prop_map(|(voters, observers, image)| Op::Spec {
             voters,
             observers,
             image
@@ -607,8 +607,13 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Runs `ops` (checking every planned step), then lets the world settle and checks the plan
 /// reaches the spec within a bounded number of reconciles.
-fn run(voters: usize, ephemeral: bool, ops: &[Op]) -> Result<(), TestCaseError> {
+fn run(voters: usize, ephemeral: bool, formed: bool, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut world = World::new(voters, 0, ephemeral);
+    if formed {
+        // Start from a running cluster, so the random history explores its changes and faults
+        // rather than mostly its bootstrap.
+        calm(&mut world)?;
+    }
     for op in ops {
         match op {
             Op::Plan(crash) => {
@@ -617,6 +622,10 @@ fn run(voters: usize, ephemeral: bool, ops: &[Op]) -> Result<(), TestCaseError> 
             other => world.env(other),
         }
     }
+    calm(&mut world)
+}
+
+fn calm(world: &mut World) -> Result<(), TestCaseError> {
     // Calm: no more faults or spec changes. Bounded: 7 voters, 2 observers, replacements and a
     // rolling update need well under 400 reconciles.
     for _ in 0..400 {
@@ -648,13 +657,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
     #[test]
-    fn converges_safely_on_volumes(voters in 1usize..=7, ops in prop::collection::vec(op(), 0..120)) {
-        run(voters, false, &ops)?;
+    fn converges_safely_on_volumes(voters in 1usize..=7, formed in any::<bool>(), ops in prop::collection::vec(op(), 0..120)) {
+        run(voters, false, formed, &ops)?;
     }
 
     #[test]
-    fn converges_safely_on_ephemeral_storage(voters in 1usize..=5, ops in prop::collection::vec(op(), 0..120)) {
-        run(voters, true, &ops)?;
+    fn converges_safely_on_ephemeral_storage(voters in 1usize..=5, formed in any::<bool>(), ops in prop::collection::vec(op(), 0..120)) {
+        run(voters, true, formed, &ops)?;
     }
 }
 
@@ -747,4 +756,40 @@ fn quorum_lost_plans_nothing_destructive() {
         matches!(&planned, Plan::Wait(w) if w.degraded()),
         "{planned:?}"
     );
+}
+
+/// A retired healthy voter is not removed while the others are barely a majority: removing it
+/// would leave one healthy voter of two.
+#[test]
+fn removal_waits_while_the_rest_is_not_a_healthy_majority() {
+    let mut world = World::new(3, 0, false);
+    for _ in 0..100 {
+        if world.reconcile(Crash::None).expect("safe") == Plan::Converged {
+            break;
+        }
+        world.settle();
+    }
+    assert_eq!(world.converged(), Ok(()));
+    world.desired.voters = 2;
+    let retired = match world.reconcile(Crash::None).expect("safe") {
+        Plan::Act(Step::Retire { id, .. }) => id,
+        other => panic!("expected a retirement, got {other:?}"),
+    };
+    let other = world
+        .voters()
+        .into_iter()
+        .find(|&v| v != retired && Some(v) != world.leader)
+        .expect("a follower that stays");
+    let now = world.now;
+    let pod = world.pods.get_mut(&other).expect("pod");
+    pod.ready = false;
+    pod.since = now;
+    let planned = world.reconcile(Crash::None).expect("safe");
+    assert!(
+        matches!(planned, Plan::Wait(Wait::QuorumAtRisk { id }) if id == retired),
+        "{planned:?}"
+    );
+    world.ready(other);
+    let planned = world.reconcile(Crash::None).expect("safe");
+    assert_eq!(planned, Plan::Act(Step::RemoveMember { id: retired }));
 }
