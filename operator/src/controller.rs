@@ -422,3 +422,115 @@ pub async fn run(
         })
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Kind, Member, Observed, RaftView};
+    use std::collections::BTreeMap;
+
+    fn cluster() -> KordCluster {
+        let spec = serde_json::from_value(serde_json::json!({"replicas": 3})).expect("spec");
+        let mut kc = KordCluster::new("demo", spec);
+        kc.metadata.namespace = Some("ns".into());
+        kc.metadata.generation = Some(4);
+        kc
+    }
+
+    fn voter(healthy: bool) -> Member {
+        Member {
+            kind: Kind::Voter,
+            retired: false,
+            pod: None,
+            volume: true,
+            raft: Some(RaftRole::Voter),
+            lag: 0,
+            healthy,
+            unhealthy_since: 0,
+            created_at: 0,
+        }
+    }
+
+    fn observation(healthy: [bool; 3], leader: bool) -> Observation {
+        let members: BTreeMap<u64, Member> = (1..=3)
+            .map(|id| (id, voter(healthy[id as usize - 1])))
+            .collect();
+        Observation {
+            observed: Observed {
+                now: 0,
+                next_id: 4,
+                bootstrapped: true,
+                members,
+                raft: leader.then_some(RaftView {
+                    leader: 1,
+                    change_in_progress: false,
+                }),
+            },
+            membership: None,
+            membership_error: (!leader).then(|| "cannot reach demo.ns.svc:7379".to_string()),
+            members: Vec::new(),
+            leader_pod: leader.then(|| "demo-1".to_string()),
+        }
+    }
+
+    fn cond<'a>(s: &'a KordClusterStatus, t: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .expect("condition")
+    }
+
+    #[test]
+    fn conditions_follow_the_plan() {
+        let kc = cluster();
+        let names = Names::of(&kc).expect("names");
+        let ok = status(&kc, &names, &observation([true; 3], true), &Plan::Converged);
+        assert_eq!(ok.phase.as_deref(), Some("Running"));
+        assert_eq!(cond(&ok, "Available").status, "True");
+        assert_eq!(cond(&ok, "Progressing").status, "False");
+        assert_eq!(cond(&ok, "Degraded").status, "False");
+        assert_eq!(
+            (ok.replicas, ok.ready_members, ok.observed_generation),
+            (3, 3, Some(4))
+        );
+        assert_eq!(ok.membership_change, None);
+
+        let step = Plan::Act(Step::CreateMember {
+            id: 4,
+            kind: Kind::Voter,
+        });
+        let scaling = status(&kc, &names, &observation([true; 3], true), &step);
+        assert_eq!(scaling.phase.as_deref(), Some("Scaling"));
+        assert_eq!(cond(&scaling, "Progressing").status, "True");
+        assert_eq!(
+            scaling.next_member_id, 5,
+            "the id just used is never handed out again"
+        );
+        assert!(scaling
+            .membership_change
+            .expect("step")
+            .contains("member 4"));
+
+        let lost = status(
+            &kc,
+            &names,
+            &observation([true, false, false], false),
+            &Plan::Wait(Wait::NoLeader),
+        );
+        assert_eq!(lost.phase.as_deref(), Some("Degraded"));
+        assert_eq!(cond(&lost, "Available").status, "False");
+        let degraded = cond(&lost, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_deref()),
+            ("True", Some("NoLeader"))
+        );
+        assert!(
+            degraded
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .contains("cannot reach"),
+            "{degraded:?}"
+        );
+    }
+}

@@ -113,13 +113,17 @@ async fn reconcile_creates_owned_objects_status_and_scales() {
         Some("127.0.0.1:1".into()),
     ));
 
-    let result = exercise(&client, &ns_name, &metrics).await;
+    // The checks run in their own task so that a failed assertion still cleans up here.
+    let outcome = tokio::spawn(exercise(client.clone(), ns_name.clone(), metrics)).await;
     controller.abort();
     let _ = namespaces.delete(&ns_name, &DeleteParams::default()).await;
-    result
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }
 
-async fn exercise(client: &kube::Client, ns: &str, metrics: &Metrics) {
+async fn exercise(client: kube::Client, ns: String, metrics: Arc<Metrics>) {
+    let (client, ns) = (&client, ns.as_str());
     let clusters = Api::<KordCluster>::namespaced(client.clone(), ns);
     let kc: KordCluster = serde_json::from_value(serde_json::json!({
         "apiVersion": "kord.io/v1alpha1",
