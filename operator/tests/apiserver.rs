@@ -275,3 +275,72 @@ async fn exercise(client: kube::Client, ns: String, metrics: Arc<Metrics>) {
     );
     assert!(metrics.encode().contains("kord_operator_reconciles_total"));
 }
+
+/// With a Kord image in the cluster (KORD_TEST_KORD_IMAGE, or KORD_K8S_IMAGE from
+/// scripts/k8s/e2e.sh): the first member's pod, as the operator builds it (bootstrap flags,
+/// probes, data volume), runs the real server and becomes Ready.
+#[tokio::test]
+async fn bootstrap_pod_runs_the_real_server() {
+    let Some(client) = client().await else { return };
+    let image = std::env::var("KORD_TEST_KORD_IMAGE").or_else(|_| std::env::var("KORD_K8S_IMAGE"));
+    let Ok(image) = image else {
+        println!(
+            "SKIPPED: no Kord image named (KORD_TEST_KORD_IMAGE or KORD_K8S_IMAGE), so no member \
+             pod can run"
+        );
+        return;
+    };
+    install_crd(&client).await;
+    let ns_name = format!("kord-op-pod-{}", std::process::id());
+    let namespaces = Api::<Namespace>::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns_name}}))
+        .expect("namespace");
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    let controller = tokio::spawn(kord_operator::controller::run(
+        client.clone(),
+        Some(ns_name.clone()),
+        Arc::new(Metrics::default()),
+        Some("127.0.0.1:1".into()),
+    ));
+    let check = {
+        let (client, ns) = (client.clone(), ns_name.clone());
+        async move {
+            let clusters = Api::<KordCluster>::namespaced(client.clone(), &ns);
+            let kc: KordCluster = serde_json::from_value(serde_json::json!({
+                "apiVersion": "kord.io/v1alpha1",
+                "kind": "KordCluster",
+                "metadata": {"name": "solo"},
+                "spec": {"replicas": 1, "image": image, "imagePullPolicy": "IfNotPresent",
+                         "storage": {"ephemeral": true}}
+            }))
+            .expect("cluster");
+            clusters
+                .create(&PostParams::default(), &kc)
+                .await
+                .expect("create KordCluster");
+            let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+            wait_for("pod solo-1 to be Ready", || {
+                let pods = pods.clone();
+                async move {
+                    let pod = pods.get_opt("solo-1").await.ok().flatten()?;
+                    let ready = pod
+                        .status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True");
+                    ready.then_some(())
+                }
+            })
+            .await;
+        }
+    };
+    let outcome = tokio::spawn(check).await;
+    controller.abort();
+    let _ = namespaces.delete(&ns_name, &DeleteParams::default()).await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
