@@ -28,6 +28,7 @@ const REQUEUE_WAITING: Duration = Duration::from_secs(10);
 /// Converged: a periodic check; changes to owned pods and volumes trigger earlier.
 const REQUEUE_CONVERGED: Duration = Duration::from_secs(60);
 const REQUEUE_ERROR: Duration = Duration::from_secs(15);
+const DEBOUNCE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -409,7 +410,11 @@ pub async fn run(
     };
     let ctx = Arc::new(Context::new(client, metrics, member_endpoint).await);
     let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+    // Debounced: status writes (a learner's lag, say) are watch events too, and a burst of
+    // them should cost one reconcile, not one each.
+    let config = kube::runtime::controller::Config::default().debounce(DEBOUNCE);
     Controller::new(clusters, watcher::Config::default())
+        .with_config(config)
         .owns(pods, owned.clone())
         .owns(volumes, owned)
         .shutdown_on_signal()
