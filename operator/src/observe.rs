@@ -10,7 +10,7 @@ use kord_api::v1::MemberRole;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
-use crate::admin::{self, AdminError, Membership};
+use crate::admin::{self, Membership};
 use crate::crd::{KordCluster, MemberStatus};
 use crate::objects::{Names, LABEL_KIND, LABEL_MEMBER_ID, LABEL_RETIRED};
 use crate::plan::{Kind, Member, MemberId, Millis, Observed, Pod as PlanPod, RaftRole, RaftView};
@@ -71,7 +71,7 @@ pub async fn observe(
             Ok(m) => (Some(m), None),
             Err(e) => {
                 tracing::info!(error = %e, "no membership");
-                (None, Some(describe(&e)))
+                (None, Some(e.to_string()))
             }
         }
     } else {
@@ -86,10 +86,6 @@ pub async fn observe(
         membership_error,
         now,
     ))
-}
-
-fn describe(e: &AdminError) -> String {
-    e.to_string()
 }
 
 fn member_id(labels: &BTreeMap<String, String>) -> Option<MemberId> {

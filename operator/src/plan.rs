@@ -368,9 +368,17 @@ pub fn plan(desired: &Desired, obs: &Observed) -> Plan {
     }
 
     // Condemned voters leave once their replacements are in: mark, move leadership away, remove.
-    if let Some(&id) = voters
+    // Unhealthy ones first, then those whose data is gone: removing them never lowers the share
+    // of voters that can stay healthy (a healthy one first could wait forever for a majority it
+    // takes away itself).
+    if let Some(id) = voters
         .iter()
-        .find(|&&id| members[&id].condemned(desired, now))
+        .copied()
+        .filter(|id| members[id].condemned(desired, now))
+        .min_by_key(|&id| {
+            let m = &members[&id];
+            (m.healthy, m.volume, id == raft.leader, id)
+        })
     {
         return remove_voter(desired, obs, &voters, id);
     }
@@ -395,6 +403,9 @@ pub fn plan(desired: &Desired, obs: &Observed) -> Plan {
     let joining_observer = joining(Kind::Observer);
     let observer_count = observers.len() + usize::from(joining_observer.is_some());
     if observer_count < desired.observers {
+        if let Some(id) = joining_observer {
+            return Plan::Wait(Wait::Joining { id });
+        }
         return Plan::Act(Step::CreateMember {
             id: obs.next_id,
             kind: Kind::Observer,
@@ -436,9 +447,10 @@ fn remove_voter(desired: &Desired, obs: &Observed, voters: &[MemberId], id: Memb
         };
     }
     let remaining = voters.len() - 1;
+    // A voter whose data is gone counts as lost already: it cannot come back after a restart.
     let healthy_after = voters
         .iter()
-        .filter(|&&v| v != id && members[&v].healthy)
+        .filter(|&&v| v != id && members[&v].healthy && members[&v].volume)
         .count();
     if healthy_after < majority(remaining) {
         return Plan::Wait(Wait::QuorumAtRisk { id });
