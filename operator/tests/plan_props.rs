@@ -654,7 +654,7 @@ fn calm(world: &mut World) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     #[test]
     fn converges_safely_on_volumes(voters in 1usize..=7, formed in any::<bool>(), ops in prop::collection::vec(op(), 0..120)) {
