@@ -82,8 +82,18 @@ def main():
     problems = []
     for values in LINT_VALUES:
         result = helm_python.lint(str(CHART), values, strict=True)
-        for message in result.get("messages", []) + result.get("errors", []):
-            problems.append(f"helm lint --strict with {values}: {message}")
+        # As `helm lint --strict`: warnings (severity 2) and errors (3) fail; INFO (1) is shown.
+        for message in result.get("messages", []):
+            if int(message.get("severity", 3)) >= 2:
+                problems.append(f"helm lint --strict with {values}: {message}")
+            elif values == {}:
+                print(f"info: {message.get('path')}: {message.get('error')}")
+        for error in result.get("errors", []):
+            problems.append(f"helm lint --strict with {values}: {error}")
+    # values.schema.json: a bad value is refused with the path and the bound.
+    refused = helm_python.lint(str(CHART), {"cluster": {"replicas": 9}}, strict=True)
+    if not any("/cluster/replicas" in str(e) for e in refused.get("errors", [])):
+        problems.append("cluster.replicas=9 is not refused by values.schema.json")
     problems += check_rendered()
     for path, text in expected().items():
         have = path.read_text() if path.exists() else None
@@ -95,7 +105,7 @@ def main():
         problems.append("manifests/crd.yaml differs from charts/kord/crds/kordclusters.kord.io.yaml")
     for p in problems:
         print(f"FAIL {p}")
-    checks = len(LINT_VALUES) + len(expected()) + 4
+    checks = len(LINT_VALUES) + len(expected()) + 5
     print(f"chart: {checks - min(len(problems), checks)} passed, {len(problems)} failed")
     return 1 if problems else 0
 
