@@ -9,6 +9,7 @@
 //! - `KORD_E2E_LOG_LINES=N`: how many lines of each member's log to print when a test fails.
 
 pub mod bins;
+pub mod chaos;
 pub mod cluster;
 pub mod http;
 pub mod kv;
@@ -17,7 +18,7 @@ pub mod wait;
 pub mod watch;
 
 pub use bins::{kord_bin, kordctl_bin};
-pub use cluster::{assert_same_state, Cluster, ClusterOpts};
+pub use cluster::{assert_same_state, Cluster, ClusterOpts, MemberHost};
 pub use http::{http_get, HttpResponse};
 pub use kv::*;
 pub use wait::{wait_until, POLL_INTERVAL};
