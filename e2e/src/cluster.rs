@@ -227,7 +227,10 @@ impl Cluster {
         ];
         match &m.join {
             Some(join) => args.extend(["--join".to_string(), join.clone()]),
-            None => args.extend(["--initial-cluster".to_string(), self.initial_cluster.clone()]),
+            None => args.extend([
+                "--initial-cluster".to_string(),
+                self.initial_cluster.clone(),
+            ]),
         }
         args.extend(self.extra_args.iter().cloned());
         args.extend(m.own_args.iter().cloned());
@@ -490,7 +493,12 @@ impl Cluster {
         let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) with a pid the harness spawned and has not reaped yet.
         let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0, "kill({pid}, {signal}) failed: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}) failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Deletes the data dir of a killed member (a disk loss).

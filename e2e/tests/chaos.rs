@@ -11,7 +11,9 @@ use kord_e2e::chaos::{self, ChaosOpts, Fault};
 
 fn seed() -> u64 {
     match std::env::var("KORD_CHAOS_SEED") {
-        Ok(s) => s.parse().expect("KORD_CHAOS_SEED must be an unsigned integer"),
+        Ok(s) => s
+            .parse()
+            .expect("KORD_CHAOS_SEED must be an unsigned integer"),
         Err(_) => rand::random(),
     }
 }
@@ -36,10 +38,23 @@ async fn three_members_survive_kills_and_pauses() {
         Fault::ReplaceWiped,
     ];
     let report = chaos::run(ChaosOpts::new(seed(), 3, duration(), faults)).await;
-    assert!(report.passed(), "chaos run failed (seed {}):\n{}", report.seed, report.summary());
+    assert!(
+        report.passed(),
+        "chaos run failed (seed {}):\n{}",
+        report.seed,
+        report.summary()
+    );
     // The run must have exercised something: load and faults.
-    assert!(report.stats.ok > 100, "too little load got through: {:?}", report.stats);
-    assert!(report.nemesis.faults >= 3, "too few faults: {:?}", report.nemesis.log);
+    assert!(
+        report.stats.ok > 100,
+        "too little load got through: {:?}",
+        report.stats
+    );
+    assert!(
+        report.nemesis.faults >= 3,
+        "too few faults: {:?}",
+        report.nemesis.log
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +66,20 @@ async fn three_members_survive_partitions_and_slow_links() {
         Fault::KillLeader,
     ];
     let report = chaos::run(ChaosOpts::new(seed(), 3, duration(), faults)).await;
-    assert!(report.passed(), "chaos run failed (seed {}):\n{}", report.seed, report.summary());
-    assert!(report.stats.ok > 100, "too little load got through: {:?}", report.stats);
-    assert!(report.nemesis.faults >= 3, "too few faults: {:?}", report.nemesis.log);
+    assert!(
+        report.passed(),
+        "chaos run failed (seed {}):\n{}",
+        report.seed,
+        report.summary()
+    );
+    assert!(
+        report.stats.ok > 100,
+        "too little load got through: {:?}",
+        report.stats
+    );
+    assert!(
+        report.nemesis.faults >= 3,
+        "too few faults: {:?}",
+        report.nemesis.log
+    );
 }

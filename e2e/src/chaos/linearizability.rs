@@ -71,7 +71,9 @@ impl Verdict {
         for (g, v) in &self.groups {
             match v {
                 GroupVerdict::Linearizable => {}
-                GroupVerdict::Unknown(why) => out.push_str(&format!("group {g}: unknown ({why})\n")),
+                GroupVerdict::Unknown(why) => {
+                    out.push_str(&format!("group {g}: unknown ({why})\n"))
+                }
                 GroupVerdict::Illegal { stuck, prefix } => {
                     out.push_str(&format!(
                         "group {g}: NOT linearizable; after a linearizable prefix of {} ops, no \
@@ -198,7 +200,12 @@ impl Bits {
 }
 
 /// Wing & Gong / Lowe search over one group's ops.
-pub fn check_group(ops: &[Entry], initial: State, max_steps: u64, deadline: Instant) -> GroupVerdict {
+pub fn check_group(
+    ops: &[Entry],
+    initial: State,
+    max_steps: u64,
+    deadline: Instant,
+) -> GroupVerdict {
     // A read whose reply was lost has no effect and constrains nothing.
     let ops: Vec<Entry> = ops
         .iter()
@@ -222,7 +229,7 @@ pub fn check_group(ops: &[Entry], initial: State, max_steps: u64, deadline: Inst
         if steps > max_steps {
             return GroupVerdict::Unknown(format!("gave up after {max_steps} search steps"));
         }
-        if steps % 4096 == 0 && Instant::now() > deadline {
+        if steps.is_multiple_of(4096) && Instant::now() > deadline {
             return GroupVerdict::Unknown("ran out of time".into());
         }
         if entry == NIL {
@@ -284,11 +291,19 @@ mod tests {
     }
 
     fn set(key: usize, value: u64) -> Input {
-        Input::Write(vec![WriteOp::Set { key, value, expected: None }])
+        Input::Write(vec![WriteOp::Set {
+            key,
+            value,
+            expected: None,
+        }])
     }
 
     fn cas(key: usize, value: u64, expected: i32) -> Input {
-        Input::Write(vec![WriteOp::Set { key, value, expected: Some(expected) }])
+        Input::Write(vec![WriteOp::Set {
+            key,
+            value,
+            expected: Some(expected),
+        }])
     }
 
     fn read(key: usize) -> Input {
@@ -412,7 +427,15 @@ mod tests {
         assert!(matches!(verdict(&h), GroupVerdict::Illegal { .. }));
         let h = [
             op(0, Some(100), cas(0, 1, 0), written(1)),
-            op(0, Some(100), cas(0, 2, 0), Output::Refused { op: None, why: Refusal::BadVersion }),
+            op(
+                0,
+                Some(100),
+                cas(0, 2, 0),
+                Output::Refused {
+                    op: None,
+                    why: Refusal::BadVersion,
+                },
+            ),
             op(110, Some(120), read(0), saw(1, 1)),
         ];
         assert_eq!(verdict(&h), GroupVerdict::Linearizable);
@@ -421,18 +444,39 @@ mod tests {
     #[test]
     fn a_refused_cas_must_have_had_a_reason() {
         // Nothing else wrote, so version 0 matched: the refusal is wrong.
-        let h = [op(0, Some(10), cas(0, 1, 0), Output::Refused { op: None, why: Refusal::BadVersion })];
+        let h = [op(
+            0,
+            Some(10),
+            cas(0, 1, 0),
+            Output::Refused {
+                op: None,
+                why: Refusal::BadVersion,
+            },
+        )];
         assert!(matches!(verdict(&h), GroupVerdict::Illegal { .. }));
     }
 
     #[test]
     fn torn_transaction_is_not_linearizable() {
         let txn = Input::Write(vec![
-            WriteOp::Set { key: 0, value: 5, expected: None },
-            WriteOp::Set { key: 1, value: 6, expected: None },
+            WriteOp::Set {
+                key: 0,
+                value: 5,
+                expected: None,
+            },
+            WriteOp::Set {
+                key: 1,
+                value: 6,
+                expected: None,
+            },
         ]);
         let h = [
-            op(0, Some(10), txn.clone(), Output::Written(vec![Some(1), Some(1)])),
+            op(
+                0,
+                Some(10),
+                txn.clone(),
+                Output::Written(vec![Some(1), Some(1)]),
+            ),
             op(20, Some(30), read(0), saw(5, 1)),
             // The txn's second half is missing.
             op(40, Some(50), read(1), saw(0, 0)),
@@ -443,7 +487,9 @@ mod tests {
     #[test]
     fn budget_exhaustion_reports_unknown() {
         // Many concurrent unknown writes make a large search; one step is not enough.
-        let mut h: Vec<Entry> = (0..20).map(|i| op(i, None, set(0, i + 1), Output::Unknown)).collect();
+        let mut h: Vec<Entry> = (0..20)
+            .map(|i| op(i, None, set(0, i + 1), Output::Unknown))
+            .collect();
         h.push(op(100, Some(110), read(0), saw(999, 1)));
         let deadline = Instant::now() + Duration::from_secs(10);
         assert!(matches!(

@@ -36,10 +36,23 @@ impl State {
 /// One op of a write (a plain write is a one-op transaction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WriteOp {
-    Create { key: usize, value: u64 },
-    Set { key: usize, value: u64, expected: Option<i32> },
-    Delete { key: usize, expected: Option<i32> },
-    Check { key: usize, expected: Option<i32> },
+    Create {
+        key: usize,
+        value: u64,
+    },
+    Set {
+        key: usize,
+        value: u64,
+        expected: Option<i32>,
+    },
+    Delete {
+        key: usize,
+        expected: Option<i32>,
+    },
+    Check {
+        key: usize,
+        expected: Option<i32>,
+    },
 }
 
 impl WriteOp {
@@ -55,7 +68,9 @@ impl WriteOp {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Input {
-    Read { key: usize },
+    Read {
+        key: usize,
+    },
     /// Applied atomically, all ops or none.
     Write(Vec<WriteOp>),
 }
@@ -74,13 +89,22 @@ pub enum Output {
     /// Applied; per op, the node's version afterwards (`None` for deletes and checks).
     Written(Vec<Option<i32>>),
     /// Not applied: op `op` (when the server named it) failed with `why`.
-    Refused { op: Option<usize>, why: Refusal },
+    Refused {
+        op: Option<usize>,
+        why: Refusal,
+    },
     /// Timed out or lost: may or may not have been applied.
     Unknown,
 }
 
-/// The write's effect on `state`: the new state and per-op versions, or the refusal.
-pub fn apply(state: &State, ops: &[WriteOp]) -> Result<(State, Vec<Option<i32>>), (usize, Refusal)> {
+/// A write's effect: the new state and, per op, the node's version afterwards.
+pub type Applied = (State, Vec<Option<i32>>);
+
+/// The write's effect on `state`, or the index of the failing op and why.
+pub fn apply(
+    state: &State,
+    ops: &[WriteOp],
+) -> Result<Applied, (usize, Refusal)> {
     let mut next = *state;
     let mut versions = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
@@ -94,7 +118,11 @@ pub fn apply(state: &State, ops: &[WriteOp]) -> Result<(State, Vec<Option<i32>>)
                 next.nodes[key] = Some(Node { value, version: 0 });
                 versions.push(Some(0));
             }
-            WriteOp::Set { key, value, expected } => {
+            WriteOp::Set {
+                key,
+                value,
+                expected,
+            } => {
                 let n = node.ok_or((i, Refusal::NoNode))?;
                 if !version_ok(expected, n) {
                     return Err((i, Refusal::BadVersion));
@@ -153,12 +181,28 @@ mod tests {
     #[test]
     fn set_bumps_the_version_and_cas_checks_it() {
         let s = State::initial();
-        let set = Input::Write(vec![WriteOp::Set { key: 0, value: 7, expected: Some(0) }]);
+        let set = Input::Write(vec![WriteOp::Set {
+            key: 0,
+            value: 7,
+            expected: Some(0),
+        }]);
         let next = step(&s, &set, &Output::Written(vec![Some(1)])).expect("cas at version 0");
-        assert_eq!(next.nodes[0], Some(Node { value: 7, version: 1 }));
+        assert_eq!(
+            next.nodes[0],
+            Some(Node {
+                value: 7,
+                version: 1
+            })
+        );
         assert!(step(&s, &set, &Output::Written(vec![Some(2)])).is_none());
-        let refused = Output::Refused { op: Some(0), why: Refusal::BadVersion };
-        assert!(step(&s, &set, &refused).is_none(), "version 0 matches: no refusal");
+        let refused = Output::Refused {
+            op: Some(0),
+            why: Refusal::BadVersion,
+        };
+        assert!(
+            step(&s, &set, &refused).is_none(),
+            "version 0 matches: no refusal"
+        );
         assert!(step(&next, &set, &refused).is_some());
     }
 
@@ -166,10 +210,20 @@ mod tests {
     fn txn_is_all_or_nothing() {
         let s = State::initial();
         let txn = Input::Write(vec![
-            WriteOp::Set { key: 0, value: 5, expected: None },
-            WriteOp::Check { key: 1, expected: Some(3) },
+            WriteOp::Set {
+                key: 0,
+                value: 5,
+                expected: None,
+            },
+            WriteOp::Check {
+                key: 1,
+                expected: Some(3),
+            },
         ]);
-        let out = Output::Refused { op: Some(1), why: Refusal::BadVersion };
+        let out = Output::Refused {
+            op: Some(1),
+            why: Refusal::BadVersion,
+        };
         assert_eq!(step(&s, &txn, &out), Some(s));
         // Unknown: applied or not, never half.
         assert_eq!(step(&s, &txn, &Output::Unknown), Some(s));
@@ -178,11 +232,23 @@ mod tests {
     #[test]
     fn delete_then_create_restarts_the_version() {
         let s = State::initial();
-        let del = Input::Write(vec![WriteOp::Delete { key: 1, expected: None }]);
+        let del = Input::Write(vec![WriteOp::Delete {
+            key: 1,
+            expected: None,
+        }]);
         let s = step(&s, &del, &Output::Written(vec![None])).expect("delete");
-        assert_eq!(step(&s, &Input::Read { key: 1 }, &Output::Read(None)), Some(s));
+        assert_eq!(
+            step(&s, &Input::Read { key: 1 }, &Output::Read(None)),
+            Some(s)
+        );
         let create = Input::Write(vec![WriteOp::Create { key: 1, value: 9 }]);
         let s = step(&s, &create, &Output::Written(vec![Some(0)])).expect("create");
-        assert_eq!(s.nodes[1], Some(Node { value: 9, version: 0 }));
+        assert_eq!(
+            s.nodes[1],
+            Some(Node {
+                value: 9,
+                version: 0
+            })
+        );
     }
 }

@@ -63,7 +63,10 @@ impl Fault {
     }
 
     pub fn needs_network(self) -> bool {
-        matches!(self, Fault::PartitionLeader | Fault::PartitionHalves | Fault::SlowLink)
+        matches!(
+            self,
+            Fault::PartitionLeader | Fault::PartitionHalves | Fault::SlowLink
+        )
     }
 
     pub fn needs_membership_api(self) -> bool {
@@ -165,7 +168,12 @@ async fn await_leader(cluster: &Cluster, within: Duration) -> Result<u64, String
 
 /// Runs faults until `cfg.duration` or `cfg.max_faults`, healing each before the next and
 /// everything before returning. `net` is `None` when namespaces are unavailable.
-pub async fn run(cluster: &mut Cluster, mut net: Option<&mut Network>, cfg: &NemesisConfig, t0: Instant) -> NemesisReport {
+pub async fn run(
+    cluster: &mut Cluster,
+    mut net: Option<&mut Network>,
+    cfg: &NemesisConfig,
+    t0: Instant,
+) -> NemesisReport {
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x4E4D_4553_4953);
     let mut report = NemesisReport::default();
     let until = Instant::now() + cfg.duration;
@@ -181,27 +189,48 @@ pub async fn run(cluster: &mut Cluster, mut net: Option<&mut Network>, cfg: &Nem
         let running: Vec<u64> = cluster.live_ids();
         let random = *running.choose(&mut rng).expect("a running member");
         let target_leader = leader.unwrap_or(random);
-        let followers: Vec<u64> = running.iter().copied().filter(|&i| Some(i) != leader).collect();
+        let followers: Vec<u64> = running
+            .iter()
+            .copied()
+            .filter(|&i| Some(i) != leader)
+            .collect();
         let hold = Duration::from_millis(rng.random_range(1500..4000));
         let (what, heal) = match fault {
             Fault::KillLeader | Fault::KillRandom => {
-                let id = if fault == Fault::KillLeader { target_leader } else { random };
+                let id = if fault == Fault::KillLeader {
+                    target_leader
+                } else {
+                    random
+                };
                 cluster.kill(id);
                 (format!("kill -9 member {id}"), Heal::Restart(id))
             }
             Fault::PauseLeader | Fault::PauseRandom => {
-                let id = if fault == Fault::PauseLeader { target_leader } else { random };
+                let id = if fault == Fault::PauseLeader {
+                    target_leader
+                } else {
+                    random
+                };
                 cluster.pause(id);
                 // Longer than the election timeout, so the others elect without it.
                 let pause = cfg.election_timeout * 2 + hold;
-                (format!("SIGSTOP member {id} for {pause:?}"), Heal::Resume(id))
+                (
+                    format!("SIGSTOP member {id} for {pause:?}"),
+                    Heal::Resume(id),
+                )
             }
             Fault::PartitionLeader | Fault::PartitionHalves | Fault::SlowLink => {
-                let Some(net) = net.as_deref_mut() else { continue };
+                let Some(net) = net.as_deref_mut() else {
+                    continue;
+                };
                 let slot = |id: u64| usize::try_from(id).unwrap_or(usize::MAX);
                 let result = match fault {
                     Fault::PartitionLeader => {
-                        let others: Vec<usize> = running.iter().filter(|&&i| i != target_leader).map(|&i| slot(i)).collect();
+                        let others: Vec<usize> = running
+                            .iter()
+                            .filter(|&&i| i != target_leader)
+                            .map(|&i| slot(i))
+                            .collect();
                         net.partition(&[slot(target_leader)], &others)
                             .map(|()| format!("partition leader {target_leader} from {others:?}"))
                     }
@@ -217,19 +246,25 @@ pub async fn run(cluster: &mut Cluster, mut net: Option<&mut Network>, cfg: &Nem
                         net.partition(&side_a, &side_b)
                             .map(|()| format!("partition {side_a:?} | {side_b:?}"))
                     }
-                    _ => net.slow(slot(random)).map(|kind| format!("slow link of member {random} ({kind})")),
+                    _ => net
+                        .slow(slot(random))
+                        .map(|kind| format!("slow link of member {random} ({kind})")),
                 };
                 match result {
                     Ok(what) => (what, Heal::Network),
                     Err(e) => {
-                        report.problems.push(format!("nemesis could not break the network: {e}"));
+                        report
+                            .problems
+                            .push(format!("nemesis could not break the network: {e}"));
                         let _ = net.heal();
                         continue;
                     }
                 }
             }
             Fault::TransferLeader => {
-                let Some(&to) = followers.choose(&mut rng) else { continue };
+                let Some(&to) = followers.choose(&mut rng) else {
+                    continue;
+                };
                 let mut admin = cluster.cluster_client(target_leader);
                 let call = admin.transfer_leader(TransferLeaderRequest { to_id: to });
                 let outcome = match tokio::time::timeout(Duration::from_secs(15), call).await {
@@ -237,10 +272,15 @@ pub async fn run(cluster: &mut Cluster, mut net: Option<&mut Network>, cfg: &Nem
                     Ok(Err(s)) => format!("refused: {:?} {}", s.code(), s.message()),
                     Err(_) => "timed out".into(),
                 };
-                (format!("transfer leadership {target_leader} -> {to}: {outcome}"), Heal::Nothing)
+                (
+                    format!("transfer leadership {target_leader} -> {to}: {outcome}"),
+                    Heal::Nothing,
+                )
             }
             Fault::ReplaceWiped => {
-                let Some(&old) = followers.choose(&mut rng) else { continue };
+                let Some(&old) = followers.choose(&mut rng) else {
+                    continue;
+                };
                 match replace_wiped(cluster, net.as_deref(), target_leader, old).await {
                     Ok(what) => (what, Heal::Nothing),
                     Err(e) => (format!("replace member {old}: {e}"), Heal::Nothing),
@@ -265,7 +305,9 @@ pub async fn run(cluster: &mut Cluster, mut net: Option<&mut Network>, cfg: &Nem
             }
             Heal::Network => match net.as_deref_mut().map(|n| n.heal()) {
                 Some(Err(e)) => {
-                    report.problems.push(format!("could not heal the network: {e}"));
+                    report
+                        .problems
+                        .push(format!("could not heal the network: {e}"));
                     "heal failed".into()
                 }
                 _ => "healed the network".into(),
@@ -274,7 +316,9 @@ pub async fn run(cluster: &mut Cluster, mut net: Option<&mut Network>, cfg: &Nem
         };
         report.log.push(format!("{} {healed}", stamp(t0)));
         if let Err(why) = await_leader(cluster, LEADER_WAIT).await {
-            report.problems.push(format!("no leader {LEADER_WAIT:?} after healing {fault}: {why}"));
+            report.problems.push(format!(
+                "no leader {LEADER_WAIT:?} after healing {fault}: {why}"
+            ));
             break;
         }
     }
@@ -283,7 +327,12 @@ pub async fn run(cluster: &mut Cluster, mut net: Option<&mut Network>, cfg: &Nem
 
 /// Kills follower `old`, wipes its disk, removes it through the leader, and starts an empty
 /// member with a new id that joins through `leader`.
-async fn replace_wiped(cluster: &mut Cluster, net: Option<&Network>, leader: u64, old: u64) -> Result<String, String> {
+async fn replace_wiped(
+    cluster: &mut Cluster,
+    net: Option<&Network>,
+    leader: u64,
+    old: u64,
+) -> Result<String, String> {
     if let Some(net) = net {
         // The new member needs a namespace of its own.
         let next = cluster.ids().into_iter().max().unwrap_or(0) + 1;
@@ -294,14 +343,22 @@ async fn replace_wiped(cluster: &mut Cluster, net: Option<&Network>, leader: u64
     cluster.kill(old);
     cluster.wipe(old);
     let mut admin = cluster.cluster_client(leader);
-    let removed = tokio::time::timeout(Duration::from_secs(15), admin.remove_member(RemoveMemberRequest { id: old })).await;
+    let removed = tokio::time::timeout(
+        Duration::from_secs(15),
+        admin.remove_member(RemoveMemberRequest { id: old }),
+    )
+    .await;
     match removed {
         Ok(Ok(_)) => {}
         Ok(Err(s)) => {
             // Not removed: bring the (now empty) member back as it was is impossible with the
             // same id, so the cluster carries on one member short until a later replace.
             cluster.forget(old);
-            return Err(format!("RemoveMember refused: {:?} {}", s.code(), s.message()));
+            return Err(format!(
+                "RemoveMember refused: {:?} {}",
+                s.code(),
+                s.message()
+            ));
         }
         Err(_) => {
             cluster.forget(old);
@@ -310,5 +367,7 @@ async fn replace_wiped(cluster: &mut Cluster, net: Option<&Network>, leader: u64
     }
     cluster.forget(old);
     let new = cluster.spawn_joining(leader, &[]).await;
-    Ok(format!("wiped and removed member {old}; member {new} joined empty"))
+    Ok(format!(
+        "wiped and removed member {old}; member {new} joined empty"
+    ))
 }

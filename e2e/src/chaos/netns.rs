@@ -77,7 +77,11 @@ impl Network {
         // A subnet no other bridge on this machine routes.
         let subnet = (0..250u32)
             .map(|i| ((pid + n * 7 + i) % 250 + 1) as u8)
-            .find(|s| output(&["ip", "-4", "route", "show", &format!("10.213.{s}.0/24")]).trim().is_empty())
+            .find(|s| {
+                output(&["ip", "-4", "route", "show", &format!("10.213.{s}.0/24")])
+                    .trim()
+                    .is_empty()
+            })
             .ok_or(NetError::NoSubnet)?;
         let mut net = Network {
             bridge: format!("{tag}br"),
@@ -89,7 +93,14 @@ impl Network {
             slow_kind: None,
         };
         run(&["ip", "link", "add", &net.bridge, "type", "bridge"])?;
-        run(&["ip", "addr", "add", &format!("10.213.{subnet}.254/24"), "dev", &net.bridge])?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.213.{subnet}.254/24"),
+            "dev",
+            &net.bridge,
+        ])?;
         run(&["ip", "link", "set", &net.bridge, "up"])?;
         for slot in 1..=slots {
             // Counted before it exists so a half-made slot is torn down too.
@@ -97,10 +108,25 @@ impl Network {
             let ns = net.netns(slot);
             let veth = format!("{}v{slot}", net.tag);
             run(&["ip", "netns", "add", &ns])?;
-            run(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            run(&[
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
             run(&["ip", "link", "set", &veth, "master", &net.bridge, "up"])?;
-            run(&["ip", "netns", "exec", &ns, "ip", "addr", "add", &format!("{}/24", net.ip(slot)), "dev", "eth0"])?;
-            run(&["ip", "netns", "exec", &ns, "ip", "link", "set", "eth0", "up"])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", net.ip(slot)),
+                "dev",
+                "eth0",
+            ])?;
+            run(&[
+                "ip", "netns", "exec", &ns, "ip", "link", "set", "eth0", "up",
+            ])?;
             run(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
         }
         Ok(net)
@@ -134,7 +160,17 @@ impl Network {
             if self.cuts.contains(&(from, to)) {
                 continue;
             }
-            run(&["ip", "netns", "exec", &self.netns(from), "ip", "route", "add", "blackhole", &format!("{}/32", self.ip(to))])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.netns(from),
+                "ip",
+                "route",
+                "add",
+                "blackhole",
+                &format!("{}/32", self.ip(to)),
+            ])?;
             self.cuts.push((from, to));
         }
         Ok(())
@@ -153,12 +189,18 @@ impl Network {
     /// Makes slot `s`'s link slow (both its peer and client traffic leave through it).
     pub fn slow(&mut self, s: usize) -> Result<&'static str, NetError> {
         let ns = self.netns(s);
-        let netem = ["ip", "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem", "delay", "150ms", "50ms"];
+        let netem = [
+            "ip", "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem",
+            "delay", "150ms", "50ms",
+        ];
         let kind = if run(&netem).is_ok() {
             "netem"
         } else {
             // This kernel has no netem: a narrow token bucket delays by queueing instead.
-            run(&["ip", "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", "256kbit", "burst", "8kbit", "latency", "400ms"])?;
+            run(&[
+                "ip", "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+                "rate", "256kbit", "burst", "8kbit", "latency", "400ms",
+            ])?;
             "tbf"
         };
         self.slowed.push(s);
@@ -170,11 +212,32 @@ impl Network {
     pub fn heal(&mut self) -> Result<(), NetError> {
         let mut first_err = None;
         for (from, to) in std::mem::take(&mut self.cuts) {
-            let r = run(&["ip", "netns", "exec", &self.netns(from), "ip", "route", "del", "blackhole", &format!("{}/32", self.ip(to))]);
+            let r = run(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.netns(from),
+                "ip",
+                "route",
+                "del",
+                "blackhole",
+                &format!("{}/32", self.ip(to)),
+            ]);
             first_err = first_err.or(r.err());
         }
         for s in std::mem::take(&mut self.slowed) {
-            let r = run(&["ip", "netns", "exec", &self.netns(s), "tc", "qdisc", "del", "dev", "eth0", "root"]);
+            let r = run(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.netns(s),
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                "eth0",
+                "root",
+            ]);
             first_err = first_err.or(r.err());
         }
         first_err.map_or(Ok(()), Err)

@@ -104,7 +104,11 @@ impl Report {
         for p in &self.problems {
             s.push_str(&format!("  PROBLEM: {p}\n"));
         }
-        s.push_str(if self.passed() { "  result: PASS\n" } else { "  result: FAIL\n" });
+        s.push_str(if self.passed() {
+            "  result: PASS\n"
+        } else {
+            "  result: FAIL\n"
+        });
         s
     }
 }
@@ -131,7 +135,8 @@ pub async fn run(opts: ChaosOpts) -> Report {
         match Network::create(opts.members + 2) {
             Ok(n) => network = Some(n),
             Err(e) => {
-                let msg = format!("partition and slow-link faults: network namespaces unavailable: {e}");
+                let msg =
+                    format!("partition and slow-link faults: network namespaces unavailable: {e}");
                 eprintln!("chaos: skipping {msg}");
                 skipped.push(msg);
                 faults.retain(|f| !f.needs_network());
@@ -160,7 +165,11 @@ pub async fn run(opts: ChaosOpts) -> Report {
         }
     }
 
-    let endpoints: Vec<String> = cluster.ids().into_iter().map(|id| cluster.client_addr(id).to_string()).collect();
+    let endpoints: Vec<String> = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.client_addr(id).to_string())
+        .collect();
     let connect = |eps: Vec<String>| async move {
         Client::builder(eps)
             .request_timeout(Duration::from_secs(2))
@@ -170,7 +179,9 @@ pub async fn run(opts: ChaosOpts) -> Report {
             .expect("client: endpoints are well-formed")
     };
     let admin = connect(endpoints.clone()).await;
-    let setup_revision = workload::setup(&admin, opts.groups).await.expect("create the chaos keys");
+    let setup_revision = workload::setup(&admin, opts.groups)
+        .await
+        .expect("create the chaos keys");
     let start_revision = setup_revision + 1;
 
     let recorder = Recorder::new();
@@ -191,7 +202,13 @@ pub async fn run(opts: ChaosOpts) -> Report {
             max_ops: 1_000_000,
         };
         let client = connect(endpoints.clone()).await;
-        workers.push(tokio::spawn(workload::run_worker(cfg, client, locals.clone(), recorder.clone(), stop.clone())));
+        workers.push(tokio::spawn(workload::run_worker(
+            cfg,
+            client,
+            locals.clone(),
+            recorder.clone(),
+            stop.clone(),
+        )));
     }
     let sessions = tokio::spawn(workload::run_sessions(
         connect(endpoints.clone()).await,
@@ -204,18 +221,27 @@ pub async fn run(opts: ChaosOpts) -> Report {
         "from-start".into(),
         connect(endpoints.clone()).await,
         start_revision,
-        stop.clone(),
         drain_rx.clone(),
         drain_timeout,
     ))];
     // A second watch starts mid-run at the newest acknowledged revision.
     {
-        let (client, rec, stop, rx) = (connect(endpoints.clone()).await, recorder.clone(), stop.clone(), drain_rx.clone());
+        let (client, rec, rx) = (
+            connect(endpoints.clone()).await,
+            recorder.clone(),
+            drain_rx.clone(),
+        );
         let delay = opts.duration / 2;
         watchers.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let from = rec.snapshot().iter().filter_map(|e| e.revision).max().unwrap_or(setup_revision) + 1;
-            watches::record("mid-run".into(), client, from, stop, rx, drain_timeout).await
+            let from = rec
+                .snapshot()
+                .iter()
+                .filter_map(|e| e.revision)
+                .max()
+                .unwrap_or(setup_revision)
+                + 1;
+            watches::record("mid-run".into(), client, from, rx, drain_timeout).await
         }));
     }
 
@@ -250,9 +276,17 @@ pub async fn run(opts: ChaosOpts) -> Report {
 
     // Quiet now: every member applies the same log and holds the same state.
     let statuses = cluster.wait_converged(Duration::from_secs(60)).await;
-    let digests: Vec<(u64, u64, u64)> = statuses.iter().map(|s| (s.member_id, s.applied_index, s.state_digest)).collect();
-    if digests.windows(2).any(|w| w[0].1 != w[1].1 || w[0].2 != w[1].2) {
-        problems.push(format!("members' state digests differ: (member, applied, digest) = {digests:?}"));
+    let digests: Vec<(u64, u64, u64)> = statuses
+        .iter()
+        .map(|s| (s.member_id, s.applied_index, s.state_digest))
+        .collect();
+    if digests
+        .windows(2)
+        .any(|w| w[0].1 != w[1].1 || w[0].2 != w[1].2)
+    {
+        problems.push(format!(
+            "members' state digests differ: (member, applied, digest) = {digests:?}"
+        ));
     }
 
     // Ephemeral nodes die with their sessions (closed or abandoned).
@@ -261,7 +295,9 @@ pub async fn run(opts: ChaosOpts) -> Report {
         match admin.children(EPHEMERAL_ROOT).await {
             Ok(c) if c.is_empty() => break,
             other if Instant::now() >= eph_deadline => {
-                problems.push(format!("ephemeral nodes outlived their sessions: {other:?}"));
+                problems.push(format!(
+                    "ephemeral nodes outlived their sessions: {other:?}"
+                ));
                 break;
             }
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -276,23 +312,40 @@ pub async fn run(opts: ChaosOpts) -> Report {
         }
     };
     let history = recorder.snapshot();
-    let max_revision = history.iter().filter_map(|e| e.revision).max().unwrap_or(setup_revision);
+    let max_revision = history
+        .iter()
+        .filter_map(|e| e.revision)
+        .max()
+        .unwrap_or(setup_revision);
 
-    match watches::reference(&admin, start_revision, max_revision, Duration::from_secs(60)).await {
+    match watches::reference(
+        &admin,
+        start_revision,
+        max_revision,
+        Duration::from_secs(60),
+    )
+    .await
+    {
         Ok(reference) => {
             let upto = reference.progress;
             let _ = drain_tx.send(Some(upto));
             for w in watchers {
-                let log: WatchLog = match tokio::time::timeout(drain_timeout + Duration::from_secs(10), w).await {
-                    Ok(Ok(l)) => l,
-                    _ => {
-                        problems.push("a watcher did not finish".into());
-                        continue;
-                    }
-                };
+                let log: WatchLog =
+                    match tokio::time::timeout(drain_timeout + Duration::from_secs(10), w).await {
+                        Ok(Ok(l)) => l,
+                        _ => {
+                            problems.push("a watcher did not finish".into());
+                            continue;
+                        }
+                    };
                 problems.extend(watches::validate(&log, &reference, upto));
             }
-            problems.extend(watches::check_history(&reference, &history, opts.groups, &final_reads));
+            problems.extend(watches::check_history(
+                &reference,
+                &history,
+                opts.groups,
+                &final_reads,
+            ));
         }
         Err(e) => problems.push(e),
     }

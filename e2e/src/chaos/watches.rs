@@ -6,8 +6,6 @@
 //! state the final reads saw.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kord_client::{Client, Event, EventType, WatchEvent, WatchOptions, WatchScope};
@@ -28,6 +26,7 @@ pub struct WatchLog {
 }
 
 impl WatchLog {
+    /// The highest revision this watch is known complete up to.
     fn last(&self) -> u64 {
         self.progress
             .max(self.events.last().map(|(r, _)| *r).unwrap_or(0))
@@ -42,13 +41,12 @@ fn options(start_revision: u64) -> WatchOptions {
     }
 }
 
-/// Watches the checked subtree from `start_revision` until `stop`, then until it has
-/// delivered up to the revision `drain_to` names (bounded by `drain_timeout`).
+/// Watches the checked subtree from `start_revision` until `drain_to` names a revision, then
+/// until a progress notice confirms delivery up to it (bounded by `drain_timeout`).
 pub async fn record(
     name: String,
     client: Client,
     start_revision: u64,
-    stop: Arc<AtomicBool>,
     drain_to: tokio::sync::watch::Receiver<Option<u64>>,
     drain_timeout: Duration,
 ) -> WatchLog {
@@ -68,7 +66,8 @@ pub async fn record(
     loop {
         let target = *drain_to.borrow();
         if let Some(target) = target {
-            if log.last() >= target {
+            // Only a progress notice proves every event up to it was delivered.
+            if log.progress >= target {
                 return log;
             }
             let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + drain_timeout);
@@ -80,8 +79,6 @@ pub async fn record(
                 return log;
             }
             stream.request_progress();
-        } else if stop.load(Ordering::Relaxed) && drain_deadline.is_none() {
-            // Waiting for the target; keep reading meanwhile.
         }
         match tokio::time::timeout(Duration::from_millis(250), stream.next()).await {
             Err(_) => continue,
@@ -93,10 +90,15 @@ pub async fn record(
                 log.error = Some(format!("stream failed: {e}"));
                 return log;
             }
-            Ok(Some(Ok(WatchEvent::Events { revision, events }))) => log.events.push((revision, events)),
+            Ok(Some(Ok(WatchEvent::Events { revision, events }))) => {
+                log.events.push((revision, events))
+            }
             Ok(Some(Ok(WatchEvent::Progress { revision }))) => {
                 if revision < log.progress {
-                    log.error = Some(format!("progress went back from {} to {revision}", log.progress));
+                    log.error = Some(format!(
+                        "progress went back from {} to {revision}",
+                        log.progress
+                    ));
                     return log;
                 }
                 log.progress = revision;
@@ -107,13 +109,17 @@ pub async fn record(
 
 /// Reads the server's events from `start_revision` up to its current revision, at least
 /// `at_least` (the cluster is quiet by then).
-pub async fn reference(client: &Client, start_revision: u64, at_least: u64, timeout: Duration) -> Result<WatchLog, String> {
+pub async fn reference(
+    client: &Client,
+    start_revision: u64,
+    at_least: u64,
+    timeout: Duration,
+) -> Result<WatchLog, String> {
     let (tx, rx) = tokio::sync::watch::channel(Some(at_least.max(1)));
     let log = record(
         "reference".into(),
         client.clone(),
         start_revision,
-        Arc::new(AtomicBool::new(true)),
         rx,
         timeout,
     )
@@ -134,7 +140,10 @@ pub fn validate(log: &WatchLog, reference: &WatchLog, upto: u64) -> Vec<String> 
     let mut last = 0;
     for (r, _) in &log.events {
         if *r <= last {
-            problems.push(format!("watch {}: revision {r} delivered after {last} (duplicate or reordered)", log.name));
+            problems.push(format!(
+                "watch {}: revision {r} delivered after {last} (duplicate or reordered)",
+                log.name
+            ));
         }
         last = *r;
     }
@@ -180,21 +189,35 @@ pub fn check_history(
     let mut state: HashMap<(usize, usize), Option<Node>> = HashMap::new();
     for g in 0..groups {
         for k in 0..super::model::KEYS_PER_GROUP {
-            state.insert((g, k), Some(Node { value: 0, version: 0 }));
+            state.insert(
+                (g, k),
+                Some(Node {
+                    value: 0,
+                    version: 0,
+                }),
+            );
         }
     }
     let mut at: HashMap<(u64, String), &Event> = HashMap::new();
     for (revision, events) in &reference.events {
         for e in events {
-            let Some(key) = parse_key_path(&e.path) else { continue };
+            let Some(key) = parse_key_path(&e.path) else {
+                continue;
+            };
             at.insert((*revision, e.path.clone()), e);
             let before = state.get(&key).copied().flatten();
             let after = match e.kind {
                 EventType::Created => {
                     if before.is_some() || e.stat.version != 0 {
-                        problems.push(format!("rev {revision}: Created {} over {before:?} (version {})", e.path, e.stat.version));
+                        problems.push(format!(
+                            "rev {revision}: Created {} over {before:?} (version {})",
+                            e.path, e.stat.version
+                        ));
                     }
-                    Some(Node { value: decode_value(&e.data).unwrap_or(u64::MAX), version: e.stat.version })
+                    Some(Node {
+                        value: decode_value(&e.data).unwrap_or(u64::MAX),
+                        version: e.stat.version,
+                    })
                 }
                 EventType::DataChanged => {
                     let expected = before.map(|n| n.version + 1);
@@ -204,11 +227,17 @@ pub fn check_history(
                             e.path, e.stat.version
                         ));
                     }
-                    Some(Node { value: decode_value(&e.data).unwrap_or(u64::MAX), version: e.stat.version })
+                    Some(Node {
+                        value: decode_value(&e.data).unwrap_or(u64::MAX),
+                        version: e.stat.version,
+                    })
                 }
                 EventType::Deleted => {
                     if before.is_none() {
-                        problems.push(format!("rev {revision}: Deleted {} which did not exist", e.path));
+                        problems.push(format!(
+                            "rev {revision}: Deleted {} which did not exist",
+                            e.path
+                        ));
                     }
                     None
                 }
@@ -219,11 +248,15 @@ pub fn check_history(
     }
     // Every acknowledged write is in the history of the state, at the revision it returned.
     for entry in history {
-        let (super::model::Input::Write(ops), Output::Written(_), Some(revision)) = (&entry.input, &entry.output, entry.revision) else {
+        let (super::model::Input::Write(ops), Output::Written(_), Some(revision)) =
+            (&entry.input, &entry.output, entry.revision)
+        else {
             continue;
         };
         for op in ops {
-            let (WriteOp::Set { key, value, .. } | WriteOp::Create { key, value }) = *op else { continue };
+            let (WriteOp::Set { key, value, .. } | WriteOp::Create { key, value }) = *op else {
+                continue;
+            };
             let path = key_path(entry.group, key);
             match at.get(&(revision, path.clone())) {
                 Some(e) if decode_value(&e.data) == Some(value) => {}
@@ -248,4 +281,166 @@ pub fn check_history(
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chaos::model::Input;
+    use kord_client::Stat;
+
+    fn ev(
+        revision: u64,
+        kind: EventType,
+        path: &str,
+        value: u64,
+        version: i32,
+    ) -> (u64, Vec<Event>) {
+        let data = if kind == EventType::Deleted {
+            Vec::new()
+        } else {
+            value.to_string().into_bytes()
+        };
+        (
+            revision,
+            vec![Event {
+                revision,
+                kind,
+                path: path.into(),
+                stat: Stat {
+                    version,
+                    modify_revision: revision,
+                    ..Default::default()
+                },
+                data,
+                prev: None,
+            }],
+        )
+    }
+
+    fn log(name: &str, start: u64, events: Vec<(u64, Vec<Event>)>, progress: u64) -> WatchLog {
+        WatchLog {
+            name: name.into(),
+            start_revision: start,
+            events,
+            progress,
+            error: None,
+        }
+    }
+
+    fn acked_set(group: usize, key: usize, value: u64, revision: u64) -> Entry {
+        Entry {
+            worker: 0,
+            group,
+            input: Input::Write(vec![WriteOp::Set {
+                key,
+                value,
+                expected: None,
+            }]),
+            output: Output::Written(vec![Some(1)]),
+            invoke: 0,
+            complete: Some(1),
+            revision: Some(revision),
+            local: false,
+        }
+    }
+
+    fn reference() -> WatchLog {
+        let p = key_path(0, 0);
+        log(
+            "reference",
+            10,
+            vec![
+                ev(10, EventType::DataChanged, &p, 5, 1),
+                ev(11, EventType::DataChanged, &p, 6, 2),
+                ev(12, EventType::Deleted, &p, 0, 2),
+            ],
+            12,
+        )
+    }
+
+    #[test]
+    fn a_complete_watch_passes() {
+        let r = reference();
+        assert!(validate(&r.clone(), &r, 12).is_empty());
+        // A watch started later is compared from its own start.
+        let late = log("late", 11, r.events[1..].to_vec(), 12);
+        assert_eq!(validate(&late, &r, 12), Vec::<String>::new());
+    }
+
+    #[test]
+    fn gaps_duplicates_and_reordering_are_caught() {
+        let r = reference();
+        let mut gap = r.clone();
+        gap.events.remove(1);
+        assert!(!validate(&gap, &r, 12).is_empty(), "a missing revision");
+        let mut dup = r.clone();
+        dup.events.insert(1, dup.events[0].clone());
+        assert!(validate(&dup, &r, 12)
+            .iter()
+            .any(|p| p.contains("duplicate")));
+        let mut reordered = r.clone();
+        reordered.events.swap(0, 1);
+        assert!(validate(&reordered, &r, 12)
+            .iter()
+            .any(|p| p.contains("reordered")));
+        let mut failed = r.clone();
+        failed.error = Some("stream ended".into());
+        assert!(!validate(&failed, &r, 12).is_empty());
+    }
+
+    #[test]
+    fn history_must_contain_every_acknowledged_write() {
+        let r = reference();
+        let finals = HashMap::from([
+            ((0, 0), None),
+            (
+                (0, 1),
+                Some(Node {
+                    value: 0,
+                    version: 0,
+                }),
+            ),
+        ]);
+        let ok = [acked_set(0, 0, 5, 10), acked_set(0, 0, 6, 11)];
+        assert_eq!(check_history(&r, &ok, 1, &finals), Vec::<String>::new());
+        // Acknowledged at revision 13, which the server's history does not have.
+        let lost = [acked_set(0, 0, 7, 13)];
+        assert!(check_history(&r, &lost, 1, &finals)
+            .iter()
+            .any(|p| p.contains("LOST")));
+        // The final read disagrees with the event history.
+        let wrong = HashMap::from([(
+            (0, 0),
+            Some(Node {
+                value: 6,
+                version: 2,
+            }),
+        )]);
+        assert!(!check_history(&r, &ok, 1, &wrong).is_empty());
+    }
+
+    #[test]
+    fn a_version_gap_in_the_events_is_caught() {
+        let p = key_path(0, 0);
+        let r = log(
+            "reference",
+            10,
+            vec![
+                ev(10, EventType::DataChanged, &p, 5, 1),
+                ev(11, EventType::DataChanged, &p, 6, 3),
+            ],
+            11,
+        );
+        let finals = HashMap::from([(
+            (0, 0),
+            Some(Node {
+                value: 6,
+                version: 3,
+            }),
+        )]);
+        assert!(check_history(&r, &[], 1, &finals)
+            .iter()
+            .any(|p| p.contains("gap")));
+    }
 }

@@ -106,7 +106,8 @@ pub async fn run_worker(
     recorder: Recorder,
     stop: Arc<AtomicBool>,
 ) -> WorkerStats {
-    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (cfg.worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        StdRng::seed_from_u64(cfg.seed ^ (cfg.worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut stats = WorkerStats::default();
     // The worker's last knowledge of each key's version (None: believed absent).
     let mut known: HashMap<(usize, usize), Option<i32>> = HashMap::new();
@@ -122,7 +123,11 @@ pub async fn run_worker(
         let value = ((cfg.worker as u64 + 1) << 40) | counter;
         let last = known.get(&(group, key)).copied().flatten();
         let input = match rng.random_range(0..100) {
-            0..25 => Input::Write(vec![WriteOp::Set { key, value, expected: None }]),
+            0..25 => Input::Write(vec![WriteOp::Set {
+                key,
+                value,
+                expected: None,
+            }]),
             25..40 => Input::Write(vec![WriteOp::Set {
                 key,
                 value,
@@ -130,13 +135,27 @@ pub async fn run_worker(
             }]),
             40..50 => {
                 let first = if rng.random_bool(0.5) {
-                    WriteOp::Check { key, expected: Some(last.unwrap_or(0)) }
+                    WriteOp::Check {
+                        key,
+                        expected: Some(last.unwrap_or(0)),
+                    }
                 } else {
-                    WriteOp::Set { key, value, expected: None }
+                    WriteOp::Set {
+                        key,
+                        value,
+                        expected: None,
+                    }
                 };
                 counter += 1;
                 let value2 = ((cfg.worker as u64 + 1) << 40) | counter;
-                Input::Write(vec![first, WriteOp::Set { key: other, value: value2, expected: None }])
+                Input::Write(vec![
+                    first,
+                    WriteOp::Set {
+                        key: other,
+                        value: value2,
+                        expected: None,
+                    },
+                ])
             }
             50..55 => Input::Write(vec![WriteOp::Delete {
                 key,
@@ -149,7 +168,8 @@ pub async fn run_worker(
                     Input::Read { key }
                 } else {
                     let member = rng.random_range(0..locals.len());
-                    let entry = local_read(&locals[member], &recorder, cfg.worker, group, key).await;
+                    let entry =
+                        local_read(&locals[member], &recorder, cfg.worker, group, key).await;
                     count(&mut stats, entry.as_ref());
                     if let Some(e) = entry {
                         recorder.record(e);
@@ -203,11 +223,23 @@ fn learn(known: &mut HashMap<(usize, usize), Option<i32>>, group: usize, e: &Ent
     }
 }
 
-async fn read(client: &Client, rec: &Recorder, worker: usize, group: usize, key: usize) -> Option<Entry> {
+async fn read(
+    client: &Client,
+    rec: &Recorder,
+    worker: usize,
+    group: usize,
+    key: usize,
+) -> Option<Entry> {
     read_with(client, rec, worker, group, key, Consistency::Linearizable).await
 }
 
-async fn local_read(client: &Client, rec: &Recorder, worker: usize, group: usize, key: usize) -> Option<Entry> {
+async fn local_read(
+    client: &Client,
+    rec: &Recorder,
+    worker: usize,
+    group: usize,
+    key: usize,
+) -> Option<Entry> {
     read_with(client, rec, worker, group, key, Consistency::Local).await
 }
 
@@ -245,7 +277,13 @@ async fn read_with(
 }
 
 /// A write: one op alone, several as a transaction.
-pub async fn write(client: &Client, rec: &Recorder, worker: usize, group: usize, ops: &[WriteOp]) -> Entry {
+pub async fn write(
+    client: &Client,
+    rec: &Recorder,
+    worker: usize,
+    group: usize,
+    ops: &[WriteOp],
+) -> Entry {
     let invoke = rec.now();
     let call = async {
         if let [op] = ops {
@@ -279,7 +317,10 @@ pub async fn write(client: &Client, rec: &Recorder, worker: usize, group: usize,
         }
         Ok(Err(e)) => match refusal(&e) {
             Some(why) => (
-                Output::Refused { op: e.failed_op(), why },
+                Output::Refused {
+                    op: e.failed_op(),
+                    why,
+                },
                 None,
                 Some(rec.now()),
             ),
@@ -311,7 +352,11 @@ fn refusal(e: &Error) -> Option<Refusal> {
 
 async fn single(client: &Client, group: usize, op: &WriteOp) -> Result<Option<Stat>, Error> {
     match *op {
-        WriteOp::Set { key, value, expected } => client
+        WriteOp::Set {
+            key,
+            value,
+            expected,
+        } => client
             .set(&key_path(group, key), encode_value(value), expected)
             .await
             .map(Some),
@@ -332,7 +377,11 @@ async fn single(client: &Client, group: usize, op: &WriteOp) -> Result<Option<St
 
 fn to_txn_op(group: usize, op: &WriteOp) -> Op {
     match *op {
-        WriteOp::Set { key, value, expected } => Op::set(key_path(group, key), encode_value(value), expected),
+        WriteOp::Set {
+            key,
+            value,
+            expected,
+        } => Op::set(key_path(group, key), encode_value(value), expected),
         WriteOp::Create { key, value } => Op::create(key_path(group, key), encode_value(value)),
         WriteOp::Delete { key, expected } => Op::delete(key_path(group, key), expected),
         WriteOp::Check { key, expected } => Op::check(key_path(group, key), expected),
@@ -340,7 +389,11 @@ fn to_txn_op(group: usize, op: &WriteOp) -> Op {
 }
 
 /// Linearizable reads of every key, recorded in the history (they end it).
-pub async fn final_reads(client: &Client, rec: &Recorder, groups: usize) -> Result<HashMap<(usize, usize), Option<Node>>, String> {
+pub async fn final_reads(
+    client: &Client,
+    rec: &Recorder,
+    groups: usize,
+) -> Result<HashMap<(usize, usize), Option<Node>>, String> {
     let mut out = HashMap::new();
     for g in 0..groups {
         for k in 0..KEYS_PER_GROUP {
@@ -352,7 +405,8 @@ pub async fn final_reads(client: &Client, rec: &Recorder, groups: usize) -> Resu
                     break;
                 }
             }
-            let e = entry.ok_or_else(|| format!("final read of {} failed 10 times", key_path(g, k)))?;
+            let e =
+                entry.ok_or_else(|| format!("final read of {} failed 10 times", key_path(g, k)))?;
             if let Output::Read(node) = e.output {
                 out.insert((g, k), node);
             }
@@ -392,7 +446,10 @@ pub fn check_local_reads(history: &[Entry]) -> Vec<String> {
             }
         };
         if !ok {
-            problems.push(format!("local read saw a value no write produced: {}", e.describe()));
+            problems.push(format!(
+                "local read saw a value no write produced: {}",
+                e.describe()
+            ));
         }
     }
     problems
@@ -400,7 +457,13 @@ pub fn check_local_reads(history: &[Entry]) -> Vec<String> {
 
 /// Session churn: open a session, create an ephemeral node under it, hold it a while, then
 /// close the session or abandon it to expire. Returns (sessions opened, errors).
-pub async fn run_sessions(client: Client, seed: u64, session_timeout: Duration, stop: Arc<AtomicBool>, max_sessions: u64) -> (u64, u64) {
+pub async fn run_sessions(
+    client: Client,
+    seed: u64,
+    session_timeout: Duration,
+    stop: Arc<AtomicBool>,
+    max_sessions: u64,
+) -> (u64, u64) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5E55_1045);
     let (mut opened, mut errors) = (0u64, 0u64);
     while opened < max_sessions && !stop.load(Ordering::Relaxed) {
@@ -414,7 +477,8 @@ pub async fn run_sessions(client: Client, seed: u64, session_timeout: Duration, 
         };
         opened += 1;
         let path = format!("{EPHEMERAL_ROOT}/s{opened}");
-        let created = tokio::time::timeout(OP_GUARD, client.create_ephemeral(&path, "", &session)).await;
+        let created =
+            tokio::time::timeout(OP_GUARD, client.create_ephemeral(&path, "", &session)).await;
         if !matches!(created, Ok(Ok(_))) {
             errors += 1;
         }
@@ -425,7 +489,10 @@ pub async fn run_sessions(client: Client, seed: u64, session_timeout: Duration, 
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if rng.random_bool(0.5) {
-            if !matches!(tokio::time::timeout(OP_GUARD, session.close()).await, Ok(Ok(_))) {
+            if !matches!(
+                tokio::time::timeout(OP_GUARD, session.close()).await,
+                Ok(Ok(_))
+            ) {
                 errors += 1;
             }
         } else {
@@ -433,4 +500,65 @@ pub async fn run_sessions(client: Client, seed: u64, session_timeout: Duration, 
         }
     }
     (opened, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(
+        input: Input,
+        output: Output,
+        invoke: u64,
+        complete: Option<u64>,
+        local: bool,
+    ) -> Entry {
+        Entry {
+            worker: 0,
+            group: 0,
+            input,
+            output,
+            invoke,
+            complete,
+            revision: None,
+            local,
+        }
+    }
+
+    #[test]
+    fn local_reads_must_see_values_that_were_written() {
+        let write = entry(
+            Input::Write(vec![WriteOp::Set {
+                key: 0,
+                value: 7,
+                expected: None,
+            }]),
+            Output::Unknown,
+            10,
+            None,
+            false,
+        );
+        let saw = |value, t| {
+            entry(
+                Input::Read { key: 0 },
+                Output::Read(Some(Node { value, version: 1 })),
+                t,
+                Some(t + 5),
+                true,
+            )
+        };
+        assert!(check_local_reads(&[write.clone(), saw(7, 20)]).is_empty());
+        // Seen before the write was even sent: from the future.
+        assert_eq!(check_local_reads(&[write.clone(), saw(7, 0)]).len(), 1);
+        // Never written at all.
+        assert_eq!(check_local_reads(&[write, saw(8, 20)]).len(), 1);
+    }
+
+    #[test]
+    fn key_paths_round_trip() {
+        assert_eq!(parse_key_path(&key_path(3, 1)), Some((3, 1)));
+        assert_eq!(parse_key_path("/chaos/g3"), None);
+        assert_eq!(parse_key_path("/chaos-eph/s1"), None);
+        assert_eq!(decode_value(&encode_value(42)), Some(42));
+    }
 }
