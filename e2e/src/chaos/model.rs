@@ -101,10 +101,7 @@ pub enum Output {
 pub type Applied = (State, Vec<Option<i32>>);
 
 /// The write's effect on `state`, or the index of the failing op and why.
-pub fn apply(
-    state: &State,
-    ops: &[WriteOp],
-) -> Result<Applied, (usize, Refusal)> {
+pub fn apply(state: &State, ops: &[WriteOp]) -> Result<Applied, (usize, Refusal)> {
     let mut next = *state;
     let mut versions = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
