@@ -22,8 +22,8 @@ struct Args {
     members: u64,
     /// Comma-separated fault kinds, or "all": kill-leader, kill-random, pause-leader,
     /// pause-random, partition-leader, partition-halves, slow-link, transfer-leader, replace-wiped.
-    #[arg(long, default_value = "all", value_parser = Fault::parse_list)]
-    faults: Vec<Fault>,
+    #[arg(long, default_value = "all")]
+    faults: String,
     /// Concurrent workload clients.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: u64,
@@ -35,12 +35,26 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
+    let faults = match Fault::parse_list(&args.faults) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("kord-chaos: --faults: {e}");
+            std::process::exit(2);
+        }
+    };
     let seed = args.seed.unwrap_or_else(rand::random);
     let members = usize::try_from(args.members).expect("members fits usize");
-    let mut opts = ChaosOpts::new(seed, members, args.duration, args.faults);
+    let mut opts = ChaosOpts::new(seed, members, args.duration, faults);
     opts.workers = usize::try_from(args.workers).expect("workers fits usize");
     opts.budget.max_time = args.check_budget;
-    let report = chaos::run(opts).await;
+    // Ctrl-C drops the run, whose guards kill the members and delete the namespaces.
+    let report = tokio::select! {
+        r = chaos::run(opts) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("kord-chaos: interrupted (seed {seed}); cleaned up");
+            std::process::exit(130);
+        }
+    };
     if !report.passed() {
         eprintln!("kord-chaos: FAILED with seed {seed}");
         std::process::exit(1);

@@ -65,6 +65,8 @@ pub struct Report {
     /// Faults switched off, with why.
     pub skipped: Vec<String>,
     pub history_len: usize,
+    /// One line per watch: name, start revision, revisions delivered.
+    pub watches: Vec<String>,
 }
 
 impl Report {
@@ -91,6 +93,9 @@ impl Report {
         );
         for line in &self.nemesis.log {
             s.push_str(&format!("  nemesis {line}\n"));
+        }
+        for line in &self.watches {
+            s.push_str(&format!("  watch {line}\n"));
         }
         for line in &self.skipped {
             s.push_str(&format!("  skipped: {line}\n"));
@@ -338,6 +343,13 @@ pub async fn run(opts: ChaosOpts) -> Report {
                             continue;
                         }
                     };
+                watch_lines.push(format!(
+                    "{}: from revision {}, {} revisions delivered (reference: {} up to {upto})",
+                    log.name,
+                    log.start_revision,
+                    log.events.len(),
+                    reference.events.len()
+                ));
                 problems.extend(watches::validate(&log, &reference, upto));
             }
             problems.extend(watches::check_history(
@@ -361,6 +373,7 @@ pub async fn run(opts: ChaosOpts) -> Report {
         problems,
         skipped,
         history_len: history.len(),
+        watches: watch_lines,
     };
     eprintln!("{}", report.summary());
     if !report.passed() {
