@@ -322,6 +322,7 @@ pub async fn run(opts: ChaosOpts) -> Report {
         .filter_map(|e| e.revision)
         .max()
         .unwrap_or(setup_revision);
+    let mut watch_lines = Vec::new();
 
     match watches::reference(
         &admin,
