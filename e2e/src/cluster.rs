@@ -87,10 +87,8 @@ impl ClusterOpts {
 struct Member {
     id: u64,
     host: MemberHost,
-    /// For members added after startup: the client endpoint given to `--join`.
-    join: Option<String>,
-    /// Flags of this member only (after `extra_args`).
-    own_args: Vec<String>,
+    /// Members added after start: `kord --join` at this client endpoint, plus these flags.
+    join: Option<(String, Vec<String>)>,
     paused: bool,
     client_port: u16,
     peer_port: u16,
@@ -110,8 +108,6 @@ pub struct Cluster {
     extra_args: Vec<String>,
     initial_cluster: String,
     hosts: Vec<MemberHost>,
-    /// Every id ever used, so a new member never reuses one.
-    max_id: u64,
     root: Option<TempDir>,
 }
 
@@ -172,7 +168,6 @@ impl Cluster {
                     channel: channel_to(&host.ip, ports[3 * i]),
                     host,
                     join: None,
-                    own_args: Vec::new(),
                     paused: false,
                     client_port: ports[3 * i],
                     peer_port: ports[3 * i + 1],
@@ -203,7 +198,6 @@ impl Cluster {
             extra_args: opts.extra_args.clone(),
             initial_cluster,
             hosts: opts.hosts.clone(),
-            max_id: n as u64,
             root: Some(root),
         };
         for id in cluster.ids() {
@@ -226,14 +220,13 @@ impl Cluster {
             format!("{}:{}", m.host.ip, m.http_port),
         ];
         match &m.join {
-            Some(join) => args.extend(["--join".to_string(), join.clone()]),
-            None => args.extend([
-                "--initial-cluster".to_string(),
-                self.initial_cluster.clone(),
-            ]),
+            Some((endpoint, flags)) => {
+                args.extend(["--join".to_owned(), endpoint.clone()]);
+                args.extend(flags.iter().cloned());
+            }
+            None => args.extend(["--initial-cluster".to_owned(), self.initial_cluster.clone()]),
         }
         args.extend(self.extra_args.iter().cloned());
-        args.extend(m.own_args.iter().cloned());
         args
     }
 
@@ -510,27 +503,37 @@ impl Cluster {
         }
     }
 
-    /// Starts an empty member with a never-used id that asks member `via` to add it
-    /// (`kord --join`, plus `extra` flags such as `--join-as-learner`). It runs on the host of
-    /// `hosts[id - 1]` if there is one. Returns the new id once it answers Status.
-    pub async fn spawn_joining(&mut self, via: u64, extra: &[&str]) -> u64 {
-        self.max_id += 1;
-        let id = self.max_id;
+    /// Starts a new, empty member with id `id` that joins the running cluster through a live
+    /// member's client endpoint (`kord --join`), with `flags` added (e.g. `--join-as-learner`).
+    /// It runs on `hosts[id - 1]` when the options placed one there. Returns at once; wait on
+    /// its membership with `Status`/`MemberList`.
+    pub fn spawn_joining(&mut self, id: u64, flags: &[&str]) {
+        assert!(
+            self.members.iter().all(|m| m.id != id),
+            "member {id} already exists in this cluster"
+        );
+        let via = *self
+            .live_ids()
+            .first()
+            .expect("a live member to join through");
+        let endpoint = self.client_addr(via).to_string();
         let host = self
             .hosts
             .get(usize::try_from(id - 1).unwrap_or(usize::MAX))
             .cloned()
             .unwrap_or_default();
         let ports = free_ports(3);
-        let root = self.root.as_ref().expect("cluster root dir").path();
-        let dir = root.join(format!("member-{id}"));
-        let join = self.client_addr(via).to_string();
+        let dir = self
+            .root
+            .as_ref()
+            .expect("cluster root dir")
+            .path()
+            .join(format!("member-{id}"));
         self.members.push(Member {
             id,
             channel: channel_to(&host.ip, ports[0]),
             host,
-            join: Some(join),
-            own_args: extra.iter().map(|s| s.to_string()).collect(),
+            join: Some((endpoint, flags.iter().map(|f| f.to_string()).collect())),
             paused: false,
             client_port: ports[0],
             peer_port: ports[1],
@@ -540,14 +543,39 @@ impl Cluster {
             child: None,
             starts: 0,
         });
-        self.restart(id).await;
-        id
+        self.spawn_member(id);
+    }
+
+    /// Waits (bounded) until member `id`'s process exits on its own; returns its exit status.
+    pub async fn wait_exit(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.member_mut(id);
+            let child = m
+                .child
+                .as_mut()
+                .unwrap_or_else(|| panic!("member {id} is not running"));
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    m.child = None;
+                    return status;
+                }
+                Ok(None) => {}
+                Err(e) => panic!("try_wait member {id}: {e}"),
+            }
+            if Instant::now() >= deadline {
+                panic!("member {id} did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
     }
 
     /// Kills member `id` if it runs and drops it from the cluster (after a removal).
+    /// (A removed member may have exited by itself: that is expected, not a failure.)
     pub fn forget(&mut self, id: u64) {
-        if self.is_running(id) {
-            self.kill(id);
+        if let Some(mut child) = self.member_mut(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         self.members.retain(|m| m.id != id);
     }

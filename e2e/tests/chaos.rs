@@ -36,6 +36,7 @@ async fn three_members_survive_kills_and_pauses() {
         Fault::PauseRandom,
         Fault::TransferLeader,
         Fault::ReplaceWiped,
+        Fault::ReplaceMember,
     ];
     let report = chaos::run(ChaosOpts::new(seed(), 3, duration(), faults)).await;
     assert!(

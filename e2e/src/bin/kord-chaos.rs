@@ -21,7 +21,8 @@ struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     members: u64,
     /// Comma-separated fault kinds, or "all": kill-leader, kill-random, pause-leader,
-    /// pause-random, partition-leader, partition-halves, slow-link, transfer-leader, replace-wiped.
+    /// pause-random, partition-leader, partition-halves, slow-link, transfer-leader, replace-wiped,
+    /// replace-member.
     #[arg(long, default_value = "all")]
     faults: String,
     /// Concurrent workload clients.

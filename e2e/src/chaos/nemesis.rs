@@ -9,7 +9,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use kord_api::v1::{MemberListRequest, RemoveMemberRequest, TransferLeaderRequest};
+use kord_api::v1::{
+    AddMemberRequest, MemberListRequest, MemberRole, RemoveMemberRequest, ReplaceMemberRequest,
+    TransferLeaderRequest,
+};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -33,10 +36,12 @@ pub enum Fault {
     TransferLeader,
     /// Kill a follower, wipe its disk, remove it, and add an empty member with a new id.
     ReplaceWiped,
+    /// Migrate a follower's seat to a new member (ReplaceMember: learner, catch-up, swap).
+    ReplaceMember,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 10] = [
         Fault::KillLeader,
         Fault::KillRandom,
         Fault::PauseLeader,
@@ -46,6 +51,7 @@ impl Fault {
         Fault::SlowLink,
         Fault::TransferLeader,
         Fault::ReplaceWiped,
+        Fault::ReplaceMember,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +65,7 @@ impl Fault {
             Fault::SlowLink => "slow-link",
             Fault::TransferLeader => "transfer-leader",
             Fault::ReplaceWiped => "replace-wiped",
+            Fault::ReplaceMember => "replace-member",
         }
     }
 
@@ -70,7 +77,10 @@ impl Fault {
     }
 
     pub fn needs_membership_api(self) -> bool {
-        matches!(self, Fault::TransferLeader | Fault::ReplaceWiped)
+        matches!(
+            self,
+            Fault::TransferLeader | Fault::ReplaceWiped | Fault::ReplaceMember
+        )
     }
 
     /// Parses a comma-separated list; "all" names every kind.
@@ -177,6 +187,8 @@ pub async fn run(
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x4E4D_4553_4953);
     let mut report = NemesisReport::default();
     let until = Instant::now() + cfg.duration;
+    // Ids are never reused: new members count up from the largest one.
+    let mut next_id = cluster.ids().into_iter().max().unwrap_or(0) + 1;
     let stamp = |t0: Instant| format!("{:7.3}s", t0.elapsed().as_secs_f64());
     while report.faults < cfg.max_faults && Instant::now() < until && !cfg.faults.is_empty() {
         // Quiet time between faults: part of the schedule, not synchronisation.
@@ -266,24 +278,48 @@ pub async fn run(
                     continue;
                 };
                 let mut admin = cluster.cluster_client(target_leader);
-                let call = admin.transfer_leader(TransferLeaderRequest { to_id: to });
-                let outcome = match tokio::time::timeout(Duration::from_secs(15), call).await {
-                    Ok(Ok(r)) => format!("now led by {}", r.into_inner().leader_id),
-                    Ok(Err(s)) => format!("refused: {:?} {}", s.code(), s.message()),
-                    Err(_) => "timed out".into(),
+                let request =
+                    with_deadline(TransferLeaderRequest { to_id: to }, Duration::from_secs(15));
+                // A refusal (e.g. the target lags) is allowed; only safety is checked.
+                let outcome = match admin.transfer_leader(request).await {
+                    Ok(r) => format!("now led by {}", r.into_inner().leader_id),
+                    Err(s) => format!("refused: {:?} {}", s.code(), s.message()),
                 };
                 (
                     format!("transfer leadership {target_leader} -> {to}: {outcome}"),
                     Heal::Nothing,
                 )
             }
-            Fault::ReplaceWiped => {
+            Fault::ReplaceWiped | Fault::ReplaceMember => {
                 let Some(&old) = followers.choose(&mut rng) else {
                     continue;
                 };
-                match replace_wiped(cluster, net.as_deref(), target_leader, old).await {
+                let new = next_id;
+                if net
+                    .as_deref()
+                    .is_some_and(|n| usize::try_from(new).unwrap_or(usize::MAX) > n.slots())
+                {
+                    // Every new member needs a namespace of its own.
+                    report.log.push(format!(
+                        "{} {fault}: skipped, no network slot for member {new}",
+                        stamp(t0)
+                    ));
+                    continue;
+                }
+                next_id += 1;
+                let result = if fault == Fault::ReplaceWiped {
+                    replace_wiped(cluster, target_leader, old, new).await
+                } else {
+                    replace_member(cluster, target_leader, old, new).await
+                };
+                match result {
                     Ok(what) => (what, Heal::Nothing),
-                    Err(e) => (format!("replace member {old}: {e}"), Heal::Nothing),
+                    Err(e) => {
+                        report
+                            .problems
+                            .push(format!("{fault} of member {old}: {e}"));
+                        (format!("FAILED: {e}"), Heal::Nothing)
+                    }
                 }
             }
         };
@@ -325,49 +361,129 @@ pub async fn run(
     report
 }
 
+/// A membership request with a deadline the server sees (`grpc-timeout`) and the caller keeps.
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// Waits (bounded) until member `leader` lists `id` in the given role.
+async fn await_role(
+    cluster: &Cluster,
+    leader: u64,
+    id: u64,
+    role: MemberRole,
+    within: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let mut admin = cluster.cluster_client(leader);
+        match admin
+            .member_list(with_deadline(MemberListRequest {}, Duration::from_secs(5)))
+            .await
+        {
+            Ok(r) => {
+                let members = r.into_inner().members;
+                if members.iter().any(|m| m.id == id && m.role == role as i32) {
+                    return Ok(());
+                }
+                last = format!(
+                    "{:?}",
+                    members.iter().map(|m| (m.id, m.role)).collect::<Vec<_>>()
+                );
+            }
+            Err(s) => last = format!("{:?} {}", s.code(), s.message()),
+        }
+        tokio::time::sleep(crate::wait::POLL_INTERVAL).await;
+    }
+    Err(format!(
+        "member {id} not {role:?} within {within:?}; last (id, role): {last}"
+    ))
+}
+
+const MEMBERSHIP_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Kills follower `old`, wipes its disk, removes it through the leader, and starts an empty
-/// member with a new id that joins through `leader`.
+/// member `new` that joins (as a voter) through a live member.
 async fn replace_wiped(
     cluster: &mut Cluster,
-    net: Option<&Network>,
     leader: u64,
     old: u64,
+    new: u64,
 ) -> Result<String, String> {
-    if let Some(net) = net {
-        // The new member needs a namespace of its own.
-        let next = cluster.ids().into_iter().max().unwrap_or(0) + 1;
-        if usize::try_from(next).unwrap_or(usize::MAX) > net.slots() {
-            return Err(format!("no network slot left for a member {next}"));
-        }
-    }
     cluster.kill(old);
     cluster.wipe(old);
     let mut admin = cluster.cluster_client(leader);
-    let removed = tokio::time::timeout(
-        Duration::from_secs(15),
-        admin.remove_member(RemoveMemberRequest { id: old }),
-    )
-    .await;
-    match removed {
-        Ok(Ok(_)) => {}
-        Ok(Err(s)) => {
-            // Not removed: bring the (now empty) member back as it was is impossible with the
-            // same id, so the cluster carries on one member short until a later replace.
-            cluster.forget(old);
-            return Err(format!(
-                "RemoveMember refused: {:?} {}",
-                s.code(),
-                s.message()
-            ));
-        }
-        Err(_) => {
-            cluster.forget(old);
-            return Err("RemoveMember timed out".into());
-        }
-    }
+    let removed = admin
+        .remove_member(with_deadline(
+            RemoveMemberRequest { id: old },
+            Duration::from_secs(20),
+        ))
+        .await;
+    // Removed or not, the wiped member cannot come back under its id.
     cluster.forget(old);
-    let new = cluster.spawn_joining(leader, &[]).await;
+    if let Err(s) = removed {
+        return Err(format!(
+            "RemoveMember {old} refused: {:?} {}",
+            s.code(),
+            s.message()
+        ));
+    }
+    cluster.spawn_joining(new, &[]);
+    await_role(cluster, leader, new, MemberRole::Voter, MEMBERSHIP_DEADLINE).await?;
     Ok(format!(
-        "wiped and removed member {old}; member {new} joined empty"
+        "wiped and removed member {old}; empty member {new} joined as a voter"
+    ))
+}
+
+/// Starts member `new` as a learner and has the cluster migrate `old`'s seat to it; the old
+/// member must then stop by itself (anti-rejoin guard).
+async fn replace_member(
+    cluster: &mut Cluster,
+    leader: u64,
+    old: u64,
+    new: u64,
+) -> Result<String, String> {
+    cluster.spawn_joining(new, &["--join-as-learner"]);
+    if let Err(e) = await_role(
+        cluster,
+        leader,
+        new,
+        MemberRole::Learner,
+        MEMBERSHIP_DEADLINE,
+    )
+    .await
+    {
+        cluster.forget(new);
+        return Err(e);
+    }
+    let request = ReplaceMemberRequest {
+        old_id: old,
+        new_member: Some(AddMemberRequest {
+            id: new,
+            peer_addr: cluster.peer_addr(new).to_string(),
+            client_addr: cluster.client_addr(new).to_string(),
+            ..Default::default()
+        }),
+    };
+    let mut admin = cluster.cluster_client(leader);
+    if let Err(s) = admin
+        .replace_member(with_deadline(request, MEMBERSHIP_DEADLINE))
+        .await
+    {
+        // The learner stays a (harmless) non-voter; stop its process so nothing else uses it.
+        cluster.forget(new);
+        return Err(format!(
+            "ReplaceMember {old} -> {new} refused: {:?} {}",
+            s.code(),
+            s.message()
+        ));
+    }
+    let status = cluster.wait_exit(old, Duration::from_secs(30)).await;
+    cluster.forget(old);
+    Ok(format!(
+        "migrated member {old}'s seat to {new}; {old} stopped by itself ({status})"
     ))
 }
