@@ -300,7 +300,7 @@ impl Cluster {
     }
 
     /// The exit status of a member process that has exited (and is still marked running).
-    fn exited(&mut self, id: u64) -> Option<String> {
+    pub fn exited(&mut self, id: u64) -> Option<String> {
         let child = self.member_mut(id).child.as_mut()?;
         match child.try_wait() {
             Ok(Some(status)) => Some(status.to_string()),
@@ -543,6 +543,12 @@ impl Cluster {
             child: None,
             starts: 0,
         });
+        self.spawn_member(id);
+    }
+
+    /// Starts a stopped member again on its data without waiting for it (it may be expected
+    /// to refuse to run).
+    pub fn respawn(&mut self, id: u64) {
         self.spawn_member(id);
     }
 

@@ -1,4 +1,4 @@
-//! The chaos suite's short mode: 3-member clusters of real `kord` processes under a mixed,
+//! The chaos suite's short mode: 3- and 5-member clusters of real `kord` processes under a mixed,
 //! recorded workload while a nemesis kills, pauses, partitions and slows members; the history
 //! must be linearizable, watches complete and in order, members' states equal and every
 //! acknowledged write present. Long soak runs: `kord-chaos --seed N --duration 10m`.
@@ -59,14 +59,14 @@ async fn three_members_survive_kills_and_pauses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_members_survive_partitions_and_slow_links() {
+async fn five_members_survive_partitions_and_slow_links() {
     let faults = vec![
         Fault::PartitionLeader,
         Fault::PartitionHalves,
         Fault::SlowLink,
         Fault::KillLeader,
     ];
-    let report = chaos::run(ChaosOpts::new(seed(), 3, duration(), faults)).await;
+    let report = chaos::run(ChaosOpts::new(seed(), 5, duration(), faults)).await;
     assert!(
         report.passed(),
         "chaos run failed (seed {}):\n{}",

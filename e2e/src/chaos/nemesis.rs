@@ -404,6 +404,8 @@ async fn await_role(
 }
 
 const MEMBERSHIP_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a replaced member may take to stop by itself.
+const OLD_MEMBER_EXIT: Duration = Duration::from_secs(30);
 
 /// Kills follower `old`, wipes its disk, removes it through the leader, and starts an empty
 /// member `new` that joins (as a voter) through a live member.
@@ -481,9 +483,23 @@ async fn replace_member(
             s.message()
         ));
     }
-    let status = cluster.wait_exit(old, Duration::from_secs(30)).await;
+    // The replaced member must notice and stop by itself (bounded wait, then killed).
+    let deadline = Instant::now() + OLD_MEMBER_EXIT;
+    let status = loop {
+        if let Some(status) = cluster.exited(old) {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(crate::wait::POLL_INTERVAL).await;
+    };
     cluster.forget(old);
-    Ok(format!(
-        "migrated member {old}'s seat to {new}; {old} stopped by itself ({status})"
-    ))
+    match status {
+        Some(status) => Ok(format!("migrated member {old}'s seat to {new}; {old} stopped by itself ({status})")),
+        None => Err(format!(
+            "migrated member {old}'s seat to {new}, but {old} was still running {OLD_MEMBER_EXIT:?} later \
+             (killed); see its log for \"removed from the cluster; stopping\""
+        )),
+    }
 }
