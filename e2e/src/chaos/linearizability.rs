@@ -40,6 +40,8 @@ pub enum GroupVerdict {
     Illegal {
         stuck: Box<Entry>,
         prefix: Vec<Entry>,
+        /// A smaller history that is still not linearizable (see [`minimize`]), by invocation.
+        minimal: Vec<Entry>,
     },
     /// The budget ran out.
     Unknown(String),
@@ -74,7 +76,11 @@ impl Verdict {
                 GroupVerdict::Unknown(why) => {
                     out.push_str(&format!("group {g}: unknown ({why})\n"))
                 }
-                GroupVerdict::Illegal { stuck, prefix } => {
+                GroupVerdict::Illegal {
+                    stuck,
+                    prefix,
+                    minimal,
+                } => {
                     out.push_str(&format!(
                         "group {g}: NOT linearizable; after a linearizable prefix of {} ops, no \
                          order explains:\n  {}\n  last ops of the prefix:\n",
@@ -82,6 +88,14 @@ impl Verdict {
                         stuck.describe()
                     ));
                     for e in prefix.iter().rev().take(12).rev() {
+                        out.push_str(&format!("    {}\n", e.describe()));
+                    }
+                    out.push_str(&format!(
+                        "  a smaller history that is still not linearizable ({} ops; \
+                         \"Unknown\" marks acknowledged writes whose reply it does not need):\n",
+                        minimal.len()
+                    ));
+                    for e in minimal.iter().take(60) {
                         out.push_str(&format!("    {}\n", e.describe()));
                     }
                 }
@@ -105,10 +119,69 @@ pub fn check(history: &[Entry], initial: State, budget: Budget) -> Verdict {
                 .filter(|e| e.group == g && !e.local)
                 .cloned()
                 .collect();
-            (g, check_group(&ops, initial, budget.max_steps, deadline))
+            let verdict = match check_group(&ops, initial, budget.max_steps, deadline) {
+                GroupVerdict::Illegal { stuck, prefix, .. } => {
+                    let shrink_deadline = Instant::now() + SHRINK_TIME;
+                    GroupVerdict::Illegal {
+                        stuck,
+                        prefix,
+                        minimal: minimize(&ops, initial, budget.max_steps, shrink_deadline),
+                    }
+                }
+                other => other,
+            };
+            (g, verdict)
         })
         .collect();
     Verdict { groups: verdicts }
+}
+
+/// Wall time spent shrinking one illegal group's history.
+const SHRINK_TIME: Duration = Duration::from_secs(20);
+
+/// Shrinks an illegal history to a smaller one that is still illegal, keeping only sound
+/// steps: dropping ops without effect (reads, refused writes), whose removal only removes
+/// constraints, and weakening acknowledged writes to unknown outcome, which only allows more
+/// orders. So the result is a real witness: if it were linearizable, so would the input be.
+/// Greedy, one op at a time, bounded by `deadline` (it returns what it has by then).
+pub fn minimize(ops: &[Entry], initial: State, max_steps: u64, deadline: Instant) -> Vec<Entry> {
+    let illegal = |h: &[Entry]| {
+        matches!(
+            check_group(h, initial, max_steps, deadline),
+            GroupVerdict::Illegal { .. }
+        )
+    };
+    let mut history: Vec<Entry> = ops.to_vec();
+    history.sort_by_key(|e| e.invoke);
+    let droppable = |e: &Entry| {
+        matches!(e.input, Input::Read { .. }) || matches!(e.output, Output::Refused { .. })
+    };
+    let mut i = history.len();
+    while i > 0 && Instant::now() < deadline {
+        i -= 1;
+        if !droppable(&history[i]) {
+            continue;
+        }
+        let removed = history.remove(i);
+        if !illegal(&history) {
+            history.insert(i, removed);
+        }
+    }
+    for i in (0..history.len()).rev() {
+        if Instant::now() >= deadline {
+            break;
+        }
+        if !matches!(history[i].output, Output::Written(_)) {
+            continue;
+        }
+        let original = history[i].clone();
+        history[i].output = Output::Unknown;
+        history[i].complete = None;
+        if !illegal(&history) {
+            history[i] = original;
+        }
+    }
+    history
 }
 
 const HEAD: usize = 0;
@@ -261,6 +334,7 @@ pub fn check_group(
                 return GroupVerdict::Illegal {
                     stuck: Box::new(ops[stuck].clone()),
                     prefix: best.0.iter().map(|&i| ops[i].clone()).collect(),
+                    minimal: Vec::new(),
                 };
             };
             state = prior;
@@ -495,6 +569,52 @@ mod tests {
         assert!(matches!(
             check_group(&h, State::initial(), 1, deadline),
             GroupVerdict::Unknown(_)
+        ));
+    }
+
+    #[test]
+    fn shrinking_keeps_only_what_the_violation_needs() {
+        let mut h = vec![
+            op(0, Some(10), set(0, 1), written(1)),
+            op(20, Some(30), read(0), saw(1, 1)),
+            op(40, Some(50), set(1, 2), written(1)),
+            op(60, Some(70), read(1), saw(2, 1)),
+            op(
+                80,
+                Some(90),
+                cas(1, 3, 0),
+                Output::Refused {
+                    op: None,
+                    why: Refusal::BadVersion,
+                },
+            ),
+        ];
+        // The violation: a read after the acknowledged write of 1 sees the initial value.
+        h.push(op(100, Some(110), read(0), saw(0, 0)));
+        for i in 0..20 {
+            h.push(op(120 + i * 10, Some(125 + i * 10), read(1), saw(2, 1)));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(matches!(
+            check_group(&h, State::initial(), 1_000_000, deadline),
+            GroupVerdict::Illegal { .. }
+        ));
+        let minimal = minimize(&h, State::initial(), 1_000_000, deadline);
+        let inputs: Vec<&Input> = minimal.iter().map(|e| &e.input).collect();
+        // Reads and refusals that do not matter are gone; the unrelated acknowledged write stays
+        // (dropping a write is unsound: a read may need it) but no longer needs its reply.
+        assert_eq!(
+            inputs,
+            vec![&set(0, 1), &set(1, 2), &read(0)],
+            "{minimal:#?}"
+        );
+        assert_eq!(minimal[1].output, Output::Unknown);
+        // The write stays acknowledged: the violation needs its reply.
+        assert_eq!(minimal[0].output, written(1));
+        // Sound: the shrunk history is itself not linearizable.
+        assert!(matches!(
+            check_group(&minimal, State::initial(), 1_000_000, deadline),
+            GroupVerdict::Illegal { .. }
         ));
     }
 
