@@ -163,7 +163,12 @@ pub async fn run(opts: ChaosOpts) -> Report {
     let mut cluster = Cluster::start(opts.members, cluster_opts).await;
     if faults.iter().any(|f| f.needs_membership_api()) {
         if let Err(why) = nemesis::membership_api_available(&cluster).await {
-            let msg = format!("membership faults (transfer-leader, replace-wiped): {why}");
+            let names: Vec<&str> = faults
+                .iter()
+                .filter(|f| f.needs_membership_api())
+                .map(|f| f.name())
+                .collect();
+            let msg = format!("membership faults ({}): {why}", names.join(", "));
             eprintln!("chaos: skipping {msg}");
             skipped.push(msg);
             faults.retain(|f| !f.needs_membership_api());
@@ -335,15 +340,17 @@ pub async fn run(opts: ChaosOpts) -> Report {
         Ok(reference) => {
             let upto = reference.progress;
             let _ = drain_tx.send(Some(upto));
-            for w in watchers {
-                let log: WatchLog =
-                    match tokio::time::timeout(drain_timeout + Duration::from_secs(10), w).await {
-                        Ok(Ok(l)) => l,
-                        _ => {
-                            problems.push("a watcher did not finish".into());
-                            continue;
-                        }
-                    };
+            for mut w in watchers {
+                let joined =
+                    tokio::time::timeout(drain_timeout + Duration::from_secs(10), &mut w).await;
+                let log: WatchLog = match joined {
+                    Ok(Ok(l)) => l,
+                    _ => {
+                        w.abort();
+                        problems.push("a watcher did not finish".into());
+                        continue;
+                    }
+                };
                 watch_lines.push(format!(
                     "{}: from revision {}, {} revisions delivered (reference: {} up to {upto})",
                     log.name,
@@ -360,7 +367,12 @@ pub async fn run(opts: ChaosOpts) -> Report {
                 &final_reads,
             ));
         }
-        Err(e) => problems.push(e),
+        Err(e) => {
+            problems.push(e);
+            for w in watchers {
+                w.abort();
+            }
+        }
     }
     problems.extend(workload::check_local_reads(&history));
 

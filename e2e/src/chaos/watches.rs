@@ -64,6 +64,10 @@ pub async fn record(
     };
     let mut drain_deadline: Option<Instant> = None;
     loop {
+        if drain_to.has_changed().is_err() && drain_to.borrow().is_none() {
+            log.error = Some("the run ended before asking the watch to drain".into());
+            return log;
+        }
         let target = *drain_to.borrow();
         if let Some(target) = target {
             // Only a progress notice proves every event up to it was delivered.
