@@ -7,6 +7,8 @@
 //! - `KORD_BIN`, `KORDCTL_BIN`: paths of the binaries under test.
 //! - `KORD_E2E_KEEP=1`: keep the temporary data dirs and logs of every cluster.
 //! - `KORD_E2E_LOG_LINES=N`: how many lines of each member's log to print when a test fails.
+//! - `KORD_CHAOS_SEED=N`, `KORD_CHAOS_SECS=N`: seed and load seconds of the chaos tests
+//!   (`tests/chaos.rs`); long runs use the `kord-chaos` binary (see [`chaos`]).
 
 pub mod bins;
 pub mod chaos;
