@@ -470,6 +470,11 @@ impl Cluster {
         self.member_mut(id).paused = false;
     }
 
+    /// SIGTERMs member `id` (a graceful stop); wait for it with [`Cluster::wait_exit`].
+    pub fn terminate(&mut self, id: u64) {
+        self.signal(id, libc::SIGTERM);
+    }
+
     pub fn is_paused(&self, id: u64) -> bool {
         self.member(id).paused
     }
