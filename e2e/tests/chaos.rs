@@ -46,6 +46,12 @@ async fn three_members_survive_kills_and_pauses() {
         report.summary()
     );
     // The run must have exercised something: load and faults.
+    // Every key group decided (a checker that ran out of budget proves nothing).
+    assert!(
+        report.verdict.is_linearizable(),
+        "linearizability undecided:\n{}",
+        report.summary()
+    );
     assert!(
         report.stats.ok > 100,
         "too little load got through: {:?}",
@@ -71,6 +77,12 @@ async fn five_members_survive_partitions_and_slow_links() {
         report.passed(),
         "chaos run failed (seed {}):\n{}",
         report.seed,
+        report.summary()
+    );
+    // Every key group decided (a checker that ran out of budget proves nothing).
+    assert!(
+        report.verdict.is_linearizable(),
+        "linearizability undecided:\n{}",
         report.summary()
     );
     assert!(
