@@ -509,10 +509,17 @@ impl Cluster {
     }
 
     /// Starts a new, empty member with id `id` that joins the running cluster through a live
-    /// member's client endpoint (`kord --join`), with `flags` added (e.g. `--join-as-learner`).
-    /// It runs on `hosts[id - 1]` when the options placed one there. Returns at once; wait on
-    /// its membership with `Status`/`MemberList`.
+    /// member's client endpoint (`kord --join`), with `flags` added (e.g. `--observer`). Returns
+    /// at once; wait on its membership with `Status`/`MemberList`.
     pub fn spawn_joining(&mut self, id: u64, flags: &[&str]) {
+        self.add_joining(id, flags);
+        self.spawn_member(id);
+    }
+
+    /// Like [`Cluster::spawn_joining`] but only allocates the member's ports and directories:
+    /// start it later with [`Cluster::respawn`] (e.g. after an admin call named its address).
+    /// It runs on `hosts[id - 1]` when the options placed one there.
+    pub fn add_joining(&mut self, id: u64, flags: &[&str]) {
         assert!(
             self.members.iter().all(|m| m.id != id),
             "member {id} already exists in this cluster"
@@ -548,7 +555,6 @@ impl Cluster {
             child: None,
             starts: 0,
         });
-        self.spawn_member(id);
     }
 
     /// Starts a stopped member again on its data without waiting for it (it may be expected
