@@ -427,8 +427,10 @@ async fn replace_wiped(
     // Removed or not, the wiped member cannot come back under its id.
     cluster.forget(old);
     if let Err(s) = removed {
-        return Err(format!(
-            "RemoveMember {old} refused: {:?} {}",
+        // A refusal is the server's right (e.g. leadership moved); the cluster carries on with
+        // a dead voter until a later fault replaces it. Only safety is judged.
+        return Ok(format!(
+            "wiped member {old}; RemoveMember refused: {:?} {}",
             s.code(),
             s.message()
         ));
@@ -475,9 +477,10 @@ async fn replace_member(
         .replace_member(with_deadline(request, MEMBERSHIP_DEADLINE))
         .await
     {
-        // The learner stays a (harmless) non-voter; stop its process so nothing else uses it.
+        // Refusals are allowed (e.g. `old` became the leader meanwhile). The learner stays a
+        // (harmless) non-voter; stop its process so nothing else uses it.
         cluster.forget(new);
-        return Err(format!(
+        return Ok(format!(
             "ReplaceMember {old} -> {new} refused: {:?} {}",
             s.code(),
             s.message()
