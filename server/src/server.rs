@@ -37,6 +37,9 @@ use crate::storage::events::EventLog;
 use crate::storage::{self, LogStore, StateMachineStore};
 use crate::watch::WatchContext;
 
+/// How long a stopping member waits for open client streams to end before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs a member until `shutdown` resolves, then stops Raft and the listeners.
 pub async fn run(
     config: Config,
@@ -221,9 +224,19 @@ pub async fn run(
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
+    // Open streams (watches, keep-alives, observers) never end by themselves, and the
+    // listeners' graceful shutdown waits for them: after a grace period the connections are
+    // dropped (clients resume elsewhere).
+    let grace = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     for task in [client_task, peer_task] {
-        if let Ok(Err(e)) = task.await {
-            tracing::warn!(error = %e, "server ended with an error");
+        let abort = task.abort_handle();
+        match tokio::time::timeout_at(grace, task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::info!(grace = ?SHUTDOWN_GRACE, "dropping connections still open after the grace period");
+                abort.abort();
+            }
         }
     }
     let _ = http_task.await;
