@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every check CI runs: formatting, clippy, unit tests, openraft's storage suite and the
-# end-to-end tests on clusters of real `kord` processes on 127.0.0.1.
+# Runs every check CI runs: formatting, clippy, the Helm chart (lint and rendered output, through
+# Helm's Go library from PyPI, installed into a venv on first use), unit tests, openraft's storage
+# suite and the end-to-end tests on clusters of real `kord` processes on 127.0.0.1. The operator's
+# API-server tests run when KORD_TEST_KUBECONFIG (or KORD_K8S_KUBECONFIG) names a cluster.
 # Build output goes to $CARGO_TARGET_DIR (default ~/.cache/kord/target, outside the clone) so
 # repeated runs skip the ~15-minute RocksDB build.
 set -euo pipefail
@@ -20,6 +22,9 @@ cargo build --locked --workspace --all-targets
 
 step "cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "chart: helm lint --strict and rendered output == manifests/"
+"$root/scripts/chart.sh" check
 
 step "tests"
 # e2e tests start clusters of real processes: two at a time is what 2 cores take calmly.

@@ -1,6 +1,9 @@
 //! Kord's wire contract, generated from `proto/`: the client API (`kord.v1`) and the peer
 //! protocol between members (`kord.peer.v1`).
 
+// Proto comments with indented list continuations are not Markdown lists; clippy (1.95+) reads
+// them as such in the generated docs.
+#[allow(clippy::doc_lazy_continuation)]
 pub mod v1 {
     tonic::include_proto!("kord.v1");
 }

@@ -351,7 +351,8 @@ pub fn markdown(reports: &[Report], rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(
         "Cells: throughput rows `ops/s (p50 / p99 ms)`, latency rows (fixed rate, watches) \
-         `p50 / p99 ms`; `srv` = server CPU seconds over the measured window. Ratios are \
+         `p50 / p99 ms`; `srv` = server CPU seconds over the measured window (all members) and \
+         that CPU time per operation. Ratios are \
          Kord ÷ peer: ops/s for throughput rows (above 1: Kord faster), p99 for latency rows \
          (below 1: Kord faster).\n",
     );
@@ -421,6 +422,10 @@ fn cell(r: Option<&Report>, row: &Row) -> String {
         s.push_str(&format!(", {e} err"));
     }
     s.push_str(&format!(", srv {}", fmt_cpu(r.server_cpu_s)));
+    // Server CPU per operation: what one write (or read) costs the servers, all members together.
+    if let (Some(cpu), Some(ops)) = (r.server_cpu_s, r.ops.filter(|n| *n > 0)) {
+        s.push_str(&format!(" = {:.0} µs/op", cpu * 1e6 / ops as f64));
+    }
     s
 }
 

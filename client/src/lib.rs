@@ -62,6 +62,7 @@ mod error;
 mod keepalive;
 mod lease;
 mod lock;
+mod members;
 mod ops;
 mod recipes;
 mod session;
@@ -76,6 +77,7 @@ pub use kord_api::v1::{
 };
 pub use lease::{KeepAlive, KeepAliveStatus, LeaseGrant, LeaseInfo, LeaseTtl};
 pub use lock::{FencingGuard, Mutex, MutexGuard};
+pub use members::{MemberList, NewMember, DEFAULT_ADMIN_TIMEOUT};
 pub use ops::{CreateMode, CreateOptions, Created, Op, OpResult};
 pub use recipes::{RwLock, RwLockGuard, RwMode, Semaphore, SemaphorePermit};
 pub use session::{Session, SessionState};

@@ -25,6 +25,26 @@ pub struct ClusterOpts {
     pub extra_args: Vec<String>,
     /// How long `Cluster::start` waits for every member to agree on a leader.
     pub startup_timeout: Duration,
+    /// Where members run, by id (`hosts[id - 1]`); members without an entry run on 127.0.0.1
+    /// in this network namespace.
+    pub hosts: Vec<MemberHost>,
+}
+
+/// A member's address and, optionally, the network namespace its process runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberHost {
+    pub ip: String,
+    /// Started through `ip netns exec <netns>` (which execs, so the pid is the member's).
+    pub netns: Option<String>,
+}
+
+impl Default for MemberHost {
+    fn default() -> Self {
+        MemberHost {
+            ip: "127.0.0.1".into(),
+            netns: None,
+        }
+    }
 }
 
 impl Default for ClusterOpts {
@@ -32,6 +52,7 @@ impl Default for ClusterOpts {
         ClusterOpts {
             extra_args: Vec::new(),
             startup_timeout: Duration::from_secs(30),
+            hosts: Vec::new(),
         }
     }
 }
@@ -55,10 +76,20 @@ impl ClusterOpts {
         self.startup_timeout = timeout;
         self
     }
+
+    /// Places members by id (see [`ClusterOpts::hosts`]).
+    pub fn hosts(mut self, hosts: Vec<MemberHost>) -> Self {
+        self.hosts = hosts;
+        self
+    }
 }
 
 struct Member {
     id: u64,
+    host: MemberHost,
+    /// Members added after start: `kord --join` at this client endpoint, plus these flags.
+    join: Option<(String, Vec<String>)>,
+    paused: bool,
     client_port: u16,
     peer_port: u16,
     http_port: u16,
@@ -76,6 +107,7 @@ pub struct Cluster {
     bin: PathBuf,
     extra_args: Vec<String>,
     initial_cluster: String,
+    hosts: Vec<MemberHost>,
     root: Option<TempDir>,
 }
 
@@ -88,8 +120,8 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
 const BIND_ATTEMPTS: usize = 3;
 
-fn channel_to(port: u16) -> Channel {
-    Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+fn channel_to(ip: &str, port: u16) -> Channel {
+    Endpoint::from_shared(format!("http://{ip}:{port}"))
         .expect("endpoint uri")
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(10))
@@ -130,8 +162,13 @@ impl Cluster {
             .map(|i| {
                 let id = i as u64 + 1;
                 let dir = root.path().join(format!("member-{id}"));
+                let host = opts.hosts.get(i).cloned().unwrap_or_default();
                 Member {
                     id,
+                    channel: channel_to(&host.ip, ports[3 * i]),
+                    host,
+                    join: None,
+                    paused: false,
                     client_port: ports[3 * i],
                     peer_port: ports[3 * i + 1],
                     http_port: ports[3 * i + 2],
@@ -139,7 +176,6 @@ impl Cluster {
                     log_path: dir.join("kord.log"),
                     child: None,
                     starts: 0,
-                    channel: channel_to(ports[3 * i]),
                 }
             })
             .collect();
@@ -147,8 +183,11 @@ impl Cluster {
             .iter()
             .map(|m| {
                 format!(
-                    "{}=127.0.0.1:{}@127.0.0.1:{}",
-                    m.id, m.peer_port, m.client_port
+                    "{}={ip}:{}@{ip}:{}",
+                    m.id,
+                    m.peer_port,
+                    m.client_port,
+                    ip = m.host.ip
                 )
             })
             .collect::<Vec<_>>()
@@ -158,6 +197,7 @@ impl Cluster {
             bin: bin.to_path_buf(),
             extra_args: opts.extra_args.clone(),
             initial_cluster,
+            hosts: opts.hosts.clone(),
             root: Some(root),
         };
         for id in cluster.ids() {
@@ -173,14 +213,19 @@ impl Cluster {
             "--data-dir".into(),
             m.data_dir.display().to_string(),
             "--listen-client".into(),
-            format!("127.0.0.1:{}", m.client_port),
+            format!("{}:{}", m.host.ip, m.client_port),
             "--listen-peer".into(),
-            format!("127.0.0.1:{}", m.peer_port),
+            format!("{}:{}", m.host.ip, m.peer_port),
             "--listen-http".into(),
-            format!("127.0.0.1:{}", m.http_port),
-            "--initial-cluster".into(),
-            self.initial_cluster.clone(),
+            format!("{}:{}", m.host.ip, m.http_port),
         ];
+        match &m.join {
+            Some((endpoint, flags)) => {
+                args.extend(["--join".to_owned(), endpoint.clone()]);
+                args.extend(flags.iter().cloned());
+            }
+            None => args.extend(["--initial-cluster".to_owned(), self.initial_cluster.clone()]),
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -206,7 +251,15 @@ impl Cluster {
             args.join(" ")
         );
         let stdout: File = log.try_clone().expect("clone log file");
-        let child = Command::new(&bin)
+        let mut command = match &m.host.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -214,7 +267,8 @@ impl Cluster {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         m.child = Some(child);
-        m.channel = channel_to(m.client_port);
+        m.paused = false;
+        m.channel = channel_to(&m.host.ip, m.client_port);
     }
 
     /// Polls until every member agrees on a leader; notices members that exit early.
@@ -246,7 +300,7 @@ impl Cluster {
     }
 
     /// The exit status of a member process that has exited (and is still marked running).
-    fn exited(&mut self, id: u64) -> Option<String> {
+    pub fn exited(&mut self, id: u64) -> Option<String> {
         let child = self.member_mut(id).child.as_mut()?;
         match child.try_wait() {
             Ok(Some(status)) => Some(status.to_string()),
@@ -255,8 +309,8 @@ impl Cluster {
         }
     }
 
-    /// Ok(leader) when every live member reports the same live leader.
-    async fn agreed_leader(&self) -> Result<u64, String> {
+    /// Ok(leader) when every live member reports the same live leader (one poll, no waiting).
+    pub async fn agreed_leader(&self) -> Result<u64, String> {
         let live = self.live_ids();
         if live.is_empty() {
             return Err("no member is running".into());
@@ -320,7 +374,7 @@ impl Cluster {
 
     /// `http://127.0.0.1:<client port>`.
     pub fn client_endpoint(&self, id: u64) -> String {
-        format!("http://127.0.0.1:{}", self.member(id).client_port)
+        format!("http://{}", self.client_addr(id))
     }
 
     /// Every member's client address as `host:port`, comma separated (for `kordctl --endpoints`).
@@ -333,15 +387,20 @@ impl Cluster {
     }
 
     pub fn client_addr(&self, id: u64) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.member(id).client_port))
+        self.addr(id, self.member(id).client_port)
     }
 
     pub fn peer_addr(&self, id: u64) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.member(id).peer_port))
+        self.addr(id, self.member(id).peer_port)
     }
 
     pub fn http_addr(&self, id: u64) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.member(id).http_port))
+        self.addr(id, self.member(id).http_port)
+    }
+
+    fn addr(&self, id: u64, port: u16) -> SocketAddr {
+        let ip: std::net::IpAddr = self.member(id).host.ip.parse().expect("member ip");
+        SocketAddr::new(ip, port)
     }
 
     pub fn data_dir(&self, id: u64) -> &Path {
@@ -395,7 +454,147 @@ impl Cluster {
         child
             .wait()
             .unwrap_or_else(|e| panic!("wait member {id}: {e}"));
-        m.channel = channel_to(m.client_port);
+        m.paused = false;
+        m.channel = channel_to(&m.host.ip, m.client_port);
+    }
+
+    /// SIGSTOPs member `id` (it keeps its sockets but answers nothing until resumed).
+    pub fn pause(&mut self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+        self.member_mut(id).paused = true;
+    }
+
+    /// SIGCONTs a paused member.
+    pub fn resume(&mut self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+        self.member_mut(id).paused = false;
+    }
+
+    /// SIGTERMs member `id` (a graceful stop); wait for it with [`Cluster::wait_exit`].
+    pub fn terminate(&mut self, id: u64) {
+        self.signal(id, libc::SIGTERM);
+    }
+
+    pub fn is_paused(&self, id: u64) -> bool {
+        self.member(id).paused
+    }
+
+    fn signal(&mut self, id: u64, signal: libc::c_int) {
+        let child = self
+            .member_mut(id)
+            .child
+            .as_mut()
+            .unwrap_or_else(|| panic!("member {id} is not running"));
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("member {id} had already exited ({status}) before the harness signalled it");
+        }
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid the harness spawned and has not reaped yet.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Deletes the data dir of a killed member (a disk loss).
+    pub fn wipe(&mut self, id: u64) {
+        assert!(!self.is_running(id), "wipe member {id}: it is running");
+        let dir = self.member(id).data_dir.clone();
+        if dir.exists() {
+            fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("wipe {}: {e}", dir.display()));
+        }
+    }
+
+    /// Starts a new, empty member with id `id` that joins the running cluster through a live
+    /// member's client endpoint (`kord --join`), with `flags` added (e.g. `--observer`). Returns
+    /// at once; wait on its membership with `Status`/`MemberList`.
+    pub fn spawn_joining(&mut self, id: u64, flags: &[&str]) {
+        self.add_joining(id, flags);
+        self.spawn_member(id);
+    }
+
+    /// Like [`Cluster::spawn_joining`] but only allocates the member's ports and directories:
+    /// start it later with [`Cluster::respawn`] (e.g. after an admin call named its address).
+    /// It runs on `hosts[id - 1]` when the options placed one there.
+    pub fn add_joining(&mut self, id: u64, flags: &[&str]) {
+        assert!(
+            self.members.iter().all(|m| m.id != id),
+            "member {id} already exists in this cluster"
+        );
+        let via = *self
+            .live_ids()
+            .first()
+            .expect("a live member to join through");
+        let endpoint = self.client_addr(via).to_string();
+        let host = self
+            .hosts
+            .get(usize::try_from(id - 1).unwrap_or(usize::MAX))
+            .cloned()
+            .unwrap_or_default();
+        let ports = free_ports(3);
+        let dir = self
+            .root
+            .as_ref()
+            .expect("cluster root dir")
+            .path()
+            .join(format!("member-{id}"));
+        self.members.push(Member {
+            id,
+            channel: channel_to(&host.ip, ports[0]),
+            host,
+            join: Some((endpoint, flags.iter().map(|f| f.to_string()).collect())),
+            paused: false,
+            client_port: ports[0],
+            peer_port: ports[1],
+            http_port: ports[2],
+            data_dir: dir.join("data"),
+            log_path: dir.join("kord.log"),
+            child: None,
+            starts: 0,
+        });
+    }
+
+    /// Starts a stopped member again on its data without waiting for it (it may be expected
+    /// to refuse to run).
+    pub fn respawn(&mut self, id: u64) {
+        self.spawn_member(id);
+    }
+
+    /// Waits (bounded) until member `id`'s process exits on its own; returns its exit status.
+    pub async fn wait_exit(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.member_mut(id);
+            let child = m
+                .child
+                .as_mut()
+                .unwrap_or_else(|| panic!("member {id} is not running"));
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    m.child = None;
+                    return status;
+                }
+                Ok(None) => {}
+                Err(e) => panic!("try_wait member {id}: {e}"),
+            }
+            if Instant::now() >= deadline {
+                panic!("member {id} did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Kills member `id` if it runs and drops it from the cluster (after a removal).
+    /// (A removed member may have exited by itself: that is expected, not a failure.)
+    pub fn forget(&mut self, id: u64) {
+        if let Some(mut child) = self.member_mut(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.members.retain(|m| m.id != id);
     }
 
     /// Restarts a killed member with the same flags and data dir, and waits until it answers

@@ -452,3 +452,56 @@ async fn rejected_requests_change_nothing() {
         None
     );
 }
+
+/// Membership tombstones (`/kord/members/...`) are written only by the membership service:
+/// a client's create, set or delete there is refused, so a removed id can never be made
+/// addable again through the Kv API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_tombstones_are_read_only_for_clients() {
+    let c = Cluster::start(1, ClusterOpts::new()).await;
+    let mut kv = c.kv(1);
+    kv.create(create_req("/a", b"a0")).await.expect("create /a");
+    let before = snapshot(&c).await;
+    for (what, result) in [
+        (
+            "create /kord/members",
+            kv.create(create_req("/kord/members", b""))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "create /kord/members/removed/9",
+            kv.create(create_req("/kord/members/removed/9", b""))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "set /kord/members/removed",
+            kv.set(set_req("/kord/members/removed", b"x", None))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "delete /kord/members/removed/9",
+            kv.delete(delete_req("/kord/members/removed/9", None))
+                .await
+                .map(|_| ()),
+        ),
+    ] {
+        let status = rejected(&c, &before, result, Code::PermissionDenied, what).await;
+        assert!(
+            status
+                .message()
+                .contains("reserved for the membership service"),
+            "{what}: {}",
+            status.message()
+        );
+    }
+    // Other paths under /kord stay writable (client recipes keep their queues there).
+    kv.create(create_req("/kord", b""))
+        .await
+        .expect("create /kord");
+    kv.create(create_req("/kord/membersx", b""))
+        .await
+        .expect("a sibling with the same prefix is not reserved");
+}

@@ -151,3 +151,70 @@ async fn killed_leader_is_replaced_within_its_session_timeout_plus_a_bound() {
     );
     assert!(took <= Duration::from_secs(5), "successor after {took:?}");
 }
+
+/// An observer's stream lives on one member; when that member dies, the client re-opens it on
+/// another and still sees every later change of leader (re-opening starts with the current
+/// leader, so nothing after the kill is missed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_follows_leader_changes_across_a_member_kill() {
+    const T: Duration = Duration::from_secs(15);
+    let mut c = Cluster::start(3, ClusterOpts::new()).await;
+    let raft_leader = c.leader().await;
+    let followers = c.followers().await;
+    // The observer's first endpoint is the member that will be killed: streams open there first.
+    let mut observer_endpoints = vec![c.client_addr(raft_leader).to_string()];
+    observer_endpoints.extend(followers.iter().map(|f| c.client_addr(*f).to_string()));
+    let observer = Client::connect(observer_endpoints).await.expect("observer");
+    let mut stream = observer.observe("svc");
+    let candidates = Client::connect(followers.iter().map(|f| c.client_addr(*f).to_string()))
+        .await
+        .expect("candidate client");
+    let value_of = |info: kord_client::LeaderInfo| info.map(|(_, v)| v);
+    let first = tokio::time::timeout(T, stream.next())
+        .await
+        .expect("first observation in time")
+        .expect("stream open")
+        .expect("no error");
+    assert_eq!(value_of(first), None, "nobody leads yet");
+
+    let session_a = candidates
+        .session(Duration::from_secs(10))
+        .await
+        .expect("a");
+    let a = Election::new(&session_a, "svc")
+        .campaign("a")
+        .await
+        .expect("a leads");
+    let seen = tokio::time::timeout(T, stream.next())
+        .await
+        .expect("a observed in time")
+        .expect("stream open")
+        .expect("no error");
+    assert_eq!(value_of(seen), Some(b"a".to_vec()));
+
+    c.kill(raft_leader);
+    a.resign().await.expect("a resigns");
+    let session_b = candidates
+        .session(Duration::from_secs(10))
+        .await
+        .expect("b");
+    let _b = Election::new(&session_b, "svc")
+        .campaign("b")
+        .await
+        .expect("b leads");
+    // Between a and b the stream may report "nobody" (a resigned before b won), never
+    // anything else.
+    loop {
+        let seen = tokio::time::timeout(T, stream.next())
+            .await
+            .expect("b observed in time after the member kill")
+            .expect("stream open")
+            .expect("no error");
+        match value_of(seen) {
+            Some(v) if v == b"b" => break,
+            None => continue,
+            Some(v) if v == b"a" => continue, // re-opened before a's resignation applied there
+            Some(other) => panic!("unexpected leader value {other:?}"),
+        }
+    }
+}

@@ -513,7 +513,7 @@ async fn watch_streams_stay_ordered_unique_atomic_and_complete_through_kills() {
     }
     let statuses = c.wait_converged(Duration::from_secs(30)).await;
     assert_same_state(&statuses);
-    let last = statuses[0].applied_index;
+    let last = statuses[0].revision;
 
     // The reference: the stored history, read in one go from one member.
     let mut reference = Vec::new();

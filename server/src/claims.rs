@@ -132,10 +132,16 @@ impl Claims {
         if let Some(claim) = self.existing(&parent, lease).await? {
             return Ok(claim);
         }
-        for _ in 0..3 {
-            self.ensure(ROOT, CreateMode::Persistent).await?;
-            self.ensure(kind.dir(), CreateMode::Persistent).await?;
-            self.ensure(&parent, CreateMode::Container).await?;
+        for attempt in 0..3 {
+            // The queue usually exists: then the claim is the only write. If it vanishes
+            // (reaped) before the claim applies, the create fails with NoParent and the next
+            // attempt makes the ancestors first.
+            let queue_exists = self.state.read().state.get(&parent).is_some();
+            if attempt > 0 || !queue_exists {
+                self.ensure(ROOT, CreateMode::Persistent).await?;
+                self.ensure(kind.dir(), CreateMode::Persistent).await?;
+                self.ensure(&parent, CreateMode::Container).await?;
+            }
             let op = SubOp::Create {
                 path: format!("{parent}/claim-"),
                 data: value.clone(),
@@ -168,11 +174,12 @@ impl Claims {
     ) -> Result<(), EdgeError> {
         let parent = path::parent(&claim.key).to_owned();
         let own = path::name(&claim.key).to_owned();
-        // The first look needs a read barrier: this member may not have applied our own claim
-        // yet. After a predecessor's deletion event it does not: that event was applied here,
-        // after our claim, and any claim ahead of ours is older still, so this member's state
-        // is current enough to tell whether we are first.
-        let mut barrier = true;
+        // The first look needs this member to have applied our own claim: then every claim
+        // ahead of ours (older) is applied here too. If the claim is already visible (always
+        // on the leader, which replied after applying it) no barrier is needed; otherwise a
+        // read barrier brings this member up to date. After a predecessor's deletion event
+        // none is needed either: that event was applied here, after our claim.
+        let mut barrier = self.state.read().state.get(&claim.key).is_none();
         loop {
             // Subscribed before looking, so a deletion after the look is not missed.
             let mut live = self.hub.subscribe();

@@ -17,6 +17,7 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7381";
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_MEMBER_MAX_LAG: u64 = 1000;
 
 /// Kord: a replicated coordination service (znodes, versions, transactions) on Raft.
 ///
@@ -66,6 +67,20 @@ pub struct Args {
     #[arg(long, requires = "join")]
     pub join_as_learner: bool,
 
+    /// With --join: join as an observer, a non-voting member that is never promoted and serves
+    /// local reads and watches (ZooKeeper's observers).
+    #[arg(long, env = "KORD_OBSERVER", requires = "join")]
+    pub observer: bool,
+
+    /// A human name for this member (e.g. the pod name), shown in member lists.
+    #[arg(long, env = "KORD_NAME", default_value = "")]
+    pub name: String,
+
+    /// A learner is caught up (may be promoted, or swapped in by a replace) when it is at most
+    /// this many log entries behind the leader, unless the request names its own threshold.
+    #[arg(long, env = "KORD_MEMBER_MAX_LAG", default_value_t = DEFAULT_MEMBER_MAX_LAG)]
+    pub member_max_lag: u64,
+
     /// Leader heartbeat interval.
     #[arg(long, env = "KORD_HEARTBEAT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -81,6 +96,17 @@ pub struct Args {
     /// Log entries kept behind a snapshot so slow followers can catch up without one.
     #[arg(long, env = "KORD_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5_000)]
     pub snapshot_catchup_entries: u64,
+
+    /// Most client commands the leader puts into one log entry. Commands that arrive while
+    /// earlier entries are in flight wait and go together, sharing one append, fsync,
+    /// replication message and apply call.
+    #[arg(long, env = "KORD_PROPOSAL_BATCH", default_value_t = 512)]
+    pub proposal_batch: usize,
+
+    /// Log entries of client commands the leader keeps in flight (appended, not yet applied)
+    /// before it waits and batches.
+    #[arg(long, env = "KORD_PROPOSALS_IN_FLIGHT", default_value_t = 2)]
+    pub proposals_in_flight: usize,
 
     /// Largest znode value, in bytes.
     #[arg(long, env = "KORD_MAX_VALUE_SIZE", default_value_t = DEFAULT_MAX_VALUE_BYTES)]
@@ -151,7 +177,11 @@ pub enum Bootstrap {
     /// Initialize a cluster of these voters.
     Initialize(BTreeMap<NodeId, KordNode>),
     /// Wait to be added; ask the cluster at this client endpoint to add us.
-    Join { endpoint: String, learner: bool },
+    Join {
+        endpoint: String,
+        learner: bool,
+        observer: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -167,10 +197,12 @@ pub struct Config {
     pub election_timeout: Duration,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
+    pub batching: crate::proposal::Batching,
     pub reap_interval: Duration,
     pub watch_progress_interval: Duration,
     pub watch_buffer: usize,
     pub event_retention: u64,
+    pub member_max_lag: u64,
     pub limits: Limits,
 }
 
@@ -210,10 +242,13 @@ impl Args {
         }
         for (flag, value, min) in [
             ("snapshot-count", self.snapshot_count, 1),
+            ("proposal-batch", self.proposal_batch as u64, 1),
+            ("proposals-in-flight", self.proposals_in_flight as u64, 1),
             ("max-value-size", self.max_value_size as u64, 1),
             ("max-txn-ops", self.max_txn_ops as u64, 1),
             ("max-request-size", self.max_request_size as u64, 1024),
             ("watch-buffer", self.watch_buffer as u64, 1),
+            ("member-max-lag", self.member_max_lag, 1),
         ] {
             if value < min {
                 return Err(ConfigError::TooSmall { flag, min });
@@ -241,11 +276,14 @@ impl Args {
                 .advertise_client
                 .clone()
                 .unwrap_or_else(|| self.listen_client.to_string()),
+            name: self.name.clone(),
+            observer: self.observer,
         };
         let bootstrap = match (&self.initial_cluster, &self.join) {
             (_, Some(endpoint)) => Bootstrap::Join {
                 endpoint: endpoint.clone(),
-                learner: self.join_as_learner,
+                learner: self.join_as_learner || self.observer,
+                observer: self.observer,
             },
             (Some(spec), None) => {
                 let mut members = parse_initial_cluster(spec)?;
@@ -256,6 +294,7 @@ impl Args {
                 if me.client_addr.is_empty() {
                     me.client_addr = node.client_addr.clone();
                 }
+                me.name = node.name.clone();
                 if self.advertise_peer.is_none() {
                     node.peer_addr = me.peer_addr.clone();
                 }
@@ -275,10 +314,17 @@ impl Args {
             election_timeout: self.election_timeout,
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
+            batching: crate::proposal::Batching {
+                max_commands: self.proposal_batch,
+                // A batch stops growing past this size; a single larger command goes alone.
+                max_bytes: 1024 * 1024,
+                in_flight: self.proposals_in_flight,
+            },
             reap_interval: self.reap_interval,
             watch_progress_interval: self.watch_progress_interval,
             watch_buffer: self.watch_buffer,
             event_retention: self.event_retention,
+            member_max_lag: self.member_max_lag,
             limits: Limits {
                 max_value_bytes: self.max_value_size,
                 max_txn_ops: self.max_txn_ops,
@@ -320,6 +366,7 @@ pub fn parse_initial_cluster(spec: &str) -> Result<BTreeMap<NodeId, KordNode>, C
         let node = KordNode {
             peer_addr: peer.trim().to_owned(),
             client_addr: client.trim().to_owned(),
+            ..Default::default()
         };
         if members.insert(id, node).is_some() {
             return Err(bad("id listed twice"));
@@ -374,6 +421,24 @@ mod tests {
         for bad in ["x=a:1", "0=a:1", "1=nohost", "1=a:1,1=b:2", "1"] {
             assert!(parse_initial_cluster(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn observer_needs_join_and_implies_learner() {
+        assert!(Args::try_parse_from(["kord", "--observer"]).is_err());
+        let c = args(&["--join", "a:1", "--observer", "--name", "obs-0"])
+            .validate()
+            .unwrap();
+        assert!(c.node.observer);
+        assert_eq!(c.node.name, "obs-0");
+        assert!(matches!(
+            c.bootstrap,
+            Bootstrap::Join {
+                learner: true,
+                observer: true,
+                ..
+            }
+        ));
     }
 
     #[test]

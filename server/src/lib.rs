@@ -13,6 +13,8 @@
 //!   elections (served by `grpc::lock` and `grpc::election`).
 //! - [`liveness`]: the leader's lease countdowns and the reaper of container and TTL nodes;
 //!   it decides when, and proposes entries that apply carries out.
+//! - [`membership`]: membership administration on the leader (add, promote, remove, replace,
+//!   transfer leadership) with its safety rules, and the removed-member guard.
 //! - [`http`] and [`metrics`]: health, readiness and Prometheus metrics.
 //!
 //! [`server::run`] wires them together; `main.rs` only parses flags.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod liveness;
+pub mod membership;
 pub mod metrics;
 pub mod proposal;
 pub mod raft;

@@ -226,7 +226,7 @@ impl Liveness {
         }
         let (applied, compacted) = {
             let a = self.state.read();
-            (a.applied_index(), a.compacted_revision)
+            (a.revision, a.compacted_revision)
         };
         let keep_from = applied.saturating_sub(self.event_retention);
         if keep_from > compacted + (self.event_retention / 10).max(1) {

@@ -26,14 +26,19 @@ use crate::grpc::lock::LockService;
 use crate::grpc::watch::WatchService;
 use crate::http::{self, HttpContext};
 use crate::liveness::Liveness;
+use crate::membership::{Membership, Settings};
 use crate::metrics::Metrics;
 use crate::proposal::Proposer;
 use crate::raft::network::{NetworkFactory, PeerChannels, MAX_PEER_MESSAGE_BYTES};
 use crate::raft::peer_service::PeerService;
+use crate::raft::peers::PeerGuard;
 use crate::raft::Raft;
 use crate::storage::events::EventLog;
 use crate::storage::{self, LogStore, StateMachineStore};
 use crate::watch::WatchContext;
+
+/// How long a stopping member waits for open client streams to end before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs a member until `shutdown` resolves, then stops Raft and the listeners.
 pub async fn run(
@@ -60,13 +65,18 @@ pub async fn run(
         install_snapshot_timeout: 10_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
+        // An entry holds a batch of commands (up to ~1 MiB, or one larger command): fewer
+        // entries per AppendEntries than openraft's 300 keep a message under the peer limit.
+        max_payload_entries: 32,
         ..Default::default()
     }
     .validate()
     .context("raft configuration")?;
     let channels = PeerChannels::default();
+    let guard = PeerGuard::new(config.id);
     let network = NetworkFactory {
         channels: channels.clone(),
+        guard: guard.clone(),
     };
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
         .await
@@ -76,14 +86,26 @@ pub async fn run(
     let peer_listener = bind(config.listen_peer, "peer").await?;
     let http_listener = bind(config.listen_http, "http").await?;
 
-    bootstrap(&config, &raft).await?;
+    bootstrap(&config, &raft, &guard).await?;
 
     let proposer = Proposer::new(
         config.id,
         raft.clone(),
-        channels,
+        channels.clone(),
         metrics.clone(),
         config.election_timeout * 3,
+        config.batching,
+    );
+    let membership = Membership::new(
+        raft.clone(),
+        state.clone(),
+        proposer.clone(),
+        channels,
+        guard,
+        Settings {
+            max_lag: config.member_max_lag,
+            election_timeout: config.election_timeout,
+        },
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -103,6 +125,7 @@ pub async fn run(
         raft: raft.clone(),
         state: state.clone(),
         committed: committed.clone(),
+        membership: membership.clone(),
     };
     let liveness = Liveness::new(
         config.id,
@@ -157,6 +180,7 @@ pub async fn run(
         raft: raft.clone(),
         proposer,
         liveness: liveness.clone(),
+        membership: membership.clone(),
     };
     let peer_server = tonic::transport::Server::builder()
         .add_service(
@@ -186,25 +210,40 @@ pub async fn run(
 
     // A Raft core that stopped on its own (a storage error or a bug) cannot serve: exit so a
     // supervisor restarts the member from its durable state, instead of answering errors.
+    // A member removed from the cluster exits too: its id is never accepted again.
     let fatal = tokio::select! {
         _ = shutdown => None,
-        reason = raft_stopped(&raft) => Some(reason),
+        reason = raft_stopped(&raft) => Some(format!("raft stopped: {reason}")),
+        reason = membership.removed() => {
+            tracing::error!(member = config.id, %reason, "removed from the cluster; stopping");
+            Some(reason)
+        }
     };
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
+    // Open streams (watches, keep-alives, observers) never end by themselves, and the
+    // listeners' graceful shutdown waits for them: after a grace period the connections are
+    // dropped (clients resume elsewhere).
+    let grace = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     for task in [client_task, peer_task] {
-        if let Ok(Err(e)) = task.await {
-            tracing::warn!(error = %e, "server ended with an error");
+        let abort = task.abort_handle();
+        match tokio::time::timeout_at(grace, task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::info!(grace = ?SHUTDOWN_GRACE, "dropping connections still open after the grace period");
+                abort.abort();
+            }
         }
     }
     let _ = http_task.await;
     let _ = liveness_task.await;
     match fatal {
         None => Ok(()),
-        Some(reason) => Err(anyhow::anyhow!("raft stopped: {reason}")),
+        Some(reason) => Err(anyhow::anyhow!(reason)),
     }
 }
 
@@ -237,7 +276,7 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
 
 /// Initializes a new cluster or asks to join one. Never touches a member that has state:
 /// restarting on existing data resumes it.
-async fn bootstrap(config: &Config, raft: &Raft) -> anyhow::Result<()> {
+async fn bootstrap(config: &Config, raft: &Raft, guard: &Arc<PeerGuard>) -> anyhow::Result<()> {
     if raft.is_initialized().await? {
         tracing::info!(member = config.id, "resuming from existing data");
         return Ok(());
@@ -250,24 +289,36 @@ async fn bootstrap(config: &Config, raft: &Raft) -> anyhow::Result<()> {
                 tracing::info!(error = %e, "not initializing");
             }
         }
-        Bootstrap::Join { endpoint, learner } => {
+        Bootstrap::Join {
+            endpoint,
+            learner,
+            observer,
+        } => {
             let request = AddMemberRequest {
                 id: config.id,
                 peer_addr: config.node.peer_addr.clone(),
                 client_addr: config.node.client_addr.clone(),
                 learner_only: *learner,
+                observer: *observer,
+                name: config.node.name.clone(),
                 ..Default::default()
             };
-            tokio::spawn(join(endpoint.clone(), request));
+            tokio::spawn(join(endpoint.clone(), request, raft.clone(), guard.clone()));
         }
     }
     Ok(())
 }
 
-/// Asks the cluster to add this member, retrying (bounded) until it answers.
-async fn join(endpoint: String, request: AddMemberRequest) {
+/// Asks the cluster to add this member, retrying (bounded) until it answers. A refusal for
+/// good (the id is in use or was removed) stops the member.
+async fn join(endpoint: String, request: AddMemberRequest, raft: Raft, guard: Arc<PeerGuard>) {
     const ATTEMPTS: u32 = 60;
     for attempt in 1..=ATTEMPTS {
+        // Added meanwhile (by an earlier attempt whose reply was lost, or by an operator).
+        if raft_lists(&raft, request.id, request.learner_only) {
+            tracing::info!(%endpoint, "this member is in the cluster's membership");
+            return;
+        }
         let result = async {
             let mut client = ClusterClient::connect(format!("http://{endpoint}")).await?;
             client.add_member(request.clone()).await?;
@@ -279,9 +330,29 @@ async fn join(endpoint: String, request: AddMemberRequest) {
                 tracing::info!(%endpoint, "joined the cluster");
                 return;
             }
+            // Refused for good (an id in use or removed): retrying cannot help.
+            Err(e)
+                if e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+                    matches!(
+                        s.code(),
+                        tonic::Code::AlreadyExists | tonic::Code::InvalidArgument
+                    )
+                }) =>
+            {
+                guard.removed(format!("the cluster refused to add this member: {e}"));
+                return;
+            }
             Err(e) => tracing::warn!(%endpoint, attempt, error = %e, "join failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tracing::error!(%endpoint, "gave up joining after {ATTEMPTS} attempts");
+}
+
+/// Whether `id` is in this member's membership (as a voter unless `learner_only`).
+fn raft_lists(raft: &Raft, id: crate::raft::NodeId, learner_only: bool) -> bool {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let membership = m.membership_config.membership();
+    membership.get_node(&id).is_some() && (learner_only || membership.voter_ids().any(|v| v == id))
 }

@@ -1,6 +1,7 @@
 //! kordctl: argument parsing and the commands, kept here so the binary is a thin `main` and the
 //! pieces can be unit-tested.
 
+mod member;
 mod output;
 mod recipes;
 pub mod txn;
@@ -138,6 +139,11 @@ pub enum Command {
     },
     /// Show the cluster as the first reachable endpoint sees it.
     Status,
+    /// List, add, promote, remove and replace members, and move leadership (`member --help`).
+    Member {
+        #[command(subcommand)]
+        command: member::MemberCommand,
+    },
     /// Grant, refresh, inspect and revoke leases.
     Lease {
         #[command(subcommand)]
@@ -451,6 +457,7 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             }
         }
         Command::Lease { command } => lease(&client, command, json).await?,
+        Command::Member { command } => member::run(&client, command, json).await?,
         Command::Watch {
             path,
             children,

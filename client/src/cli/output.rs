@@ -290,6 +290,7 @@ pub fn status_json(s: &StatusResponse) -> Value {
         "state_digest": s.state_digest,
         "znode_count": s.znode_count,
         "compacted_revision": s.compacted_revision,
+        "revision": s.revision,
         "members": members,
     })
 }
@@ -303,7 +304,7 @@ pub fn status_text(s: &StatusResponse) -> String {
     let mut out = format!(
         "member {} ({})  leader {}  term {}\n\
          commit_index {}  applied_index {}  last_log_index {}  snapshot_index {}\n\
-         znodes {}  state_digest {:016x}  compacted_revision {}\n\n",
+         znodes {}  state_digest {:016x}  revision {}  compacted_revision {}\n\n",
         s.member_id,
         s.raft_state,
         leader,
@@ -314,6 +315,7 @@ pub fn status_text(s: &StatusResponse) -> String {
         s.snapshot_index,
         s.znode_count,
         s.state_digest,
+        s.revision,
         s.compacted_revision,
     );
     let rows: Vec<[String; 5]> = s

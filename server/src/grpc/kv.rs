@@ -49,6 +49,17 @@ impl KvService {
             })?,
             _ => path::validate(op.path())?,
         }
+        // Membership tombstones keep removed ids from ever rejoining; only the membership
+        // service writes them (reads are allowed).
+        let members_dir = crate::membership::REMOVED_DIR.trim_end_matches("/removed");
+        if !matches!(op, SubOp::Check { .. })
+            && (op.path() == members_dir || op.path().starts_with(&format!("{members_dir}/")))
+        {
+            return Err(EdgeError::PermissionDenied(format!(
+                "{} is reserved for the membership service: {members_dir} and below are read-only for clients",
+                op.path()
+            )));
+        }
         if let SubOp::Create {
             mode: CreateMode::Ttl { ttl_ms },
             ..
@@ -134,7 +145,7 @@ impl KvService {
             self.proposer.read_barrier().await?;
         }
         let applied = self.state.read();
-        let header = self.header(applied.applied_index());
+        let header = self.header(applied.revision);
         f(&applied, header)
     }
 }
@@ -316,7 +327,7 @@ impl Kv for KvService {
     ) -> Result<Response<pb::CompactResponse>, Status> {
         let r = req.into_inner();
         let result = async {
-            let applied = self.state.read().applied_index();
+            let applied = self.state.read().revision;
             if r.revision > applied {
                 return Err(EdgeError::InvalidArgument(format!(
                     "revision {} is in the future: the latest applied revision is {applied}",

@@ -163,7 +163,7 @@ impl Lease for LeaseService {
                             .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
                         service.metrics.count_request("lease_keepalive", code);
                         result.map(|ttl_ms| pb::LeaseKeepAliveResponse {
-                            header: Some(service.header(service.state.read().applied_index())),
+                            header: Some(service.header(service.state.read().revision)),
                             id: m.id,
                             ttl_ms,
                         })
@@ -194,7 +194,7 @@ impl Lease for LeaseService {
                 .lease(r.id)
                 .ok_or(EdgeError::LeaseNotFound { id: r.id })?;
             Ok(pb::LeaseTimeToLiveResponse {
-                header: Some(self.header(applied.applied_index())),
+                header: Some(self.header(applied.revision)),
                 id: r.id,
                 granted_ttl_ms: lease.ttl_ms,
                 remaining_ms,
@@ -214,7 +214,7 @@ impl Lease for LeaseService {
             self.proposer.read_barrier().await?;
             let applied = self.state.read();
             Ok(pb::LeaseListResponse {
-                header: Some(self.header(applied.applied_index())),
+                header: Some(self.header(applied.revision)),
                 leases: applied
                     .state
                     .leases()

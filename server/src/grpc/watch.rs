@@ -76,8 +76,13 @@ impl StreamOutbox {
 
 impl Outbox for StreamOutbox {
     async fn try_deliver(&self, watch_id: i64, d: Delivery) -> Sent {
-        let send = self.tx.send(Ok(self.response(watch_id, d)));
-        match tokio::time::timeout(SLOW_CONSUMER_GRACE, send).await {
+        // The common case, room in the buffer, needs no timer.
+        let response = match self.tx.try_send(Ok(self.response(watch_id, d))) {
+            Ok(()) => return Sent::Ok,
+            Err(mpsc::error::TrySendError::Full(response)) => response,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Sent::Blocked,
+        };
+        match tokio::time::timeout(SLOW_CONSUMER_GRACE, self.tx.send(response)).await {
             Ok(Ok(())) => Sent::Ok,
             _ => Sent::Blocked,
         }

@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::peers::{PeerGuard, REMOVED_HEADER, SENDER_ID_HEADER};
 use super::{KordNode, NodeId, TypeConfig};
 
 /// Request metadata naming the member a Raft RPC is meant for.
@@ -56,6 +57,7 @@ impl PeerChannels {
 
 pub struct NetworkFactory {
     pub channels: PeerChannels,
+    pub guard: Arc<PeerGuard>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -66,6 +68,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.peer_addr.clone(),
             channels: self.channels.clone(),
+            guard: self.guard.clone(),
         }
     }
 }
@@ -74,6 +77,7 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     channels: PeerChannels,
+    guard: Arc<PeerGuard>,
 }
 
 /// Why a call failed before the remote Raft could answer.
@@ -86,6 +90,8 @@ enum CallError {
     },
     #[error("peer {addr} failed the call: {status}")]
     Status { addr: String, status: tonic::Status },
+    #[error("replication to member {target} is held back during a leadership transfer")]
+    Fenced { target: NodeId },
     #[error("bad payload from {addr}: {source}")]
     Decode {
         addr: String,
@@ -106,6 +112,13 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: DeserializeOwned + std::error::Error,
     {
+        if rpc != "vote" && self.guard.fenced(self.target) {
+            return Err(RPCError::Unreachable(Unreachable::new(
+                &CallError::Fenced {
+                    target: self.target,
+                },
+            )));
+        }
         let payload = Payload {
             data: crate::storage::codec::encode(req),
         };
@@ -122,12 +135,17 @@ impl PeerConnection {
         request
             .metadata_mut()
             .insert(TARGET_ID_HEADER, self.target.into());
+        // The receiver refuses Raft traffic from a member removed from the cluster.
+        request
+            .metadata_mut()
+            .insert(SENDER_ID_HEADER, self.guard.id().into());
         let response = match rpc {
             "append_entries" => client.append_entries(request).await,
             "vote" => client.vote(request).await,
             _ => client.install_snapshot(request).await,
         };
         let response = response.map_err(|status| {
+            self.note_removal(&status);
             let unreachable = matches!(
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::Unknown
@@ -149,7 +167,24 @@ impl PeerConnection {
                     source,
                 }))
             })?;
+        self.guard.contacted(self.target);
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    /// A peer refusing this member as removed (the anti-rejoin guard) stops the process.
+    fn note_removal(&self, status: &tonic::Status) {
+        let me = status
+            .metadata()
+            .get(REMOVED_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<NodeId>().ok());
+        if status.code() == tonic::Code::PermissionDenied && me == Some(self.guard.id()) {
+            self.guard.removed(format!(
+                "member {} refused our Raft traffic: {}",
+                self.target,
+                status.message()
+            ));
+        }
     }
 }
 

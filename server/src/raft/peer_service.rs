@@ -1,5 +1,6 @@
 //! The peer network, server side: hands openraft's RPCs from other members to the local Raft
-//! and serves forwarded writes and read-index requests for followers.
+//! and serves forwarded writes, read-index and membership requests for followers. Raft traffic
+//! from a member removed from the cluster is refused (the anti-rejoin guard).
 
 use kord_api::peer::peer_server::Peer;
 use kord_api::peer::Payload;
@@ -9,8 +10,10 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::network::TARGET_ID_HEADER;
+use super::peers::{REMOVED_HEADER, SENDER_ID_HEADER};
 use super::{NodeId, Raft, TypeConfig};
 use crate::liveness::{LeaseQuery, Liveness};
+use crate::membership::{AdminCall, Membership};
 use crate::proposal::{ForwardReply, Proposer};
 use crate::state::Command;
 use crate::storage::codec;
@@ -20,6 +23,7 @@ pub struct PeerService {
     pub raft: Raft,
     pub proposer: Proposer,
     pub liveness: Liveness,
+    pub membership: Membership,
 }
 
 impl PeerService {
@@ -45,6 +49,38 @@ impl PeerService {
             _ => Ok(()),
         }
     }
+
+    /// Refuses Raft traffic from a member that was removed (its id is tombstoned and it is not
+    /// in this member's membership), with a status the sender recognises and stops on.
+    fn check_sender(&self, req: &Request<Payload>) -> Result<(), Status> {
+        let sender = req
+            .metadata()
+            .get(SENDER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<NodeId>().ok());
+        let Some(sender) = sender else {
+            return Ok(());
+        };
+        if !self.membership.is_removed(sender) {
+            return Ok(());
+        }
+        tracing::warn!(
+            member = self.id,
+            sender,
+            "refusing raft traffic from a removed member"
+        );
+        let mut status = Status::permission_denied(format!(
+            "member {sender} was removed from the cluster and its id may not be reused: \
+             wipe its data and join with a new id"
+        ));
+        status.metadata_mut().insert(REMOVED_HEADER, sender.into());
+        Err(status)
+    }
+
+    fn check(&self, req: &Request<Payload>) -> Result<(), Status> {
+        self.check_target(req)?;
+        self.check_sender(req)
+    }
 }
 
 fn decode<T: DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -61,19 +97,19 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<Payload>, Status> {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        self.check_target(&req)?;
+        self.check(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        self.check_target(&req)?;
+        self.check(&req)?;
         let rpc: VoteRequest<NodeId> = decode(req)?;
         reply(&self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        self.check_target(&req)?;
+        self.check(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
@@ -91,5 +127,10 @@ impl Peer for PeerService {
     async fn lease(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let query: LeaseQuery = decode(req)?;
         reply(&self.liveness.answer(query))
+    }
+
+    async fn admin(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let call: AdminCall = decode(req)?;
+        reply(&self.membership.serve_forwarded(call).await)
     }
 }

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 pub use command::{
-    ApplyError, ApplyOutput, Command, CreateMode, Event, EventKind, Op, Prev, ReapCandidate, Reply,
-    SubOp, SubReply, WriteId,
+    ApplyError, ApplyOutput, Command, CreateMode, Event, EventKind, Op, Prev, Proposal,
+    ReapCandidate, Reply, SubOp, SubReply, WriteId,
 };
 pub use lease::{Lease, StoredLease};
 

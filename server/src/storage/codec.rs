@@ -30,6 +30,8 @@ pub const COMMITTED: &[u8] = b"committed";
 pub const LAST_APPLIED: &[u8] = b"last_applied";
 pub const MEMBERSHIP: &[u8] = b"membership";
 pub const COMPACTED: &[u8] = b"compacted_revision";
+/// The revision of the last applied command.
+pub const REVISION: &[u8] = b"revision";
 
 /// An end key above every key we write (paths are UTF-8, which never holds 0xFF; other keys
 /// are at most 8 bytes), for deleting a whole column family with one range.

@@ -22,6 +22,8 @@ pub struct SnapshotData {
     pub nodes: RawPairs,
     pub clients: RawPairs,
     pub leases: RawPairs,
+    /// The revision of the last command applied into this state.
+    pub revision: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

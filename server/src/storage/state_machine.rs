@@ -1,7 +1,11 @@
 //! The state machine: applies committed entries to the in-memory [`State`] in batches and
-//! persists each batch (changed znodes, deduplication records, events, last applied log id
-//! and membership) in one RocksDB write batch, so a crash never applies an entry twice or
-//! skips one. Also builds and installs snapshots.
+//! persists each batch (changed znodes, deduplication records, events, last applied log id,
+//! revision and membership) in one RocksDB write batch, so a crash never applies an entry
+//! twice or skips one. Also builds and installs snapshots.
+//!
+//! Revisions: each log entry carries a batch of commands ([`Proposal`]); every command gets
+//! the next revision as it is applied, so revisions are dense, strictly increasing and the
+//! same on every member (they are a pure function of the log).
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +22,9 @@ use super::snapshot::{RawPairs, SnapshotData, SnapshotFile, StoredSnapshot};
 use super::{cf, cf_handle, to_storage_error, StoreError};
 use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use crate::state::{ApplyOutput, ClientRecord, Command, Op, Reply, State, StoredLease, StoredNode};
+use crate::state::{
+    ApplyOutput, ClientRecord, Op, Proposal, Reply, State, StoredLease, StoredNode,
+};
 use crate::watch::hub::{RevisionEvents, WatchHub};
 
 /// What reads see: the state as of `last_applied`.
@@ -29,6 +35,8 @@ pub struct AppliedState {
     pub membership: StoredMembership,
     /// Events of revisions at or below this one are gone.
     pub compacted_revision: u64,
+    /// The revision of the last applied command (0 before the first).
+    pub revision: u64,
 }
 
 impl AppliedState {
@@ -72,7 +80,7 @@ impl StateMachineStore {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
         let applied = load_applied(&db)?;
-        let hub = WatchHub::new(applied.applied_index());
+        let hub = WatchHub::new(applied.revision);
         Ok(StateMachineStore {
             db,
             shared: SharedState(Arc::new(RwLock::new(applied))),
@@ -92,7 +100,7 @@ impl StateMachineStore {
         self.hub.clone()
     }
 
-    fn apply_batch(&self, entries: Vec<Entry>) -> Result<Vec<ApplyOutput>, StoreError> {
+    fn apply_batch(&self, entries: Vec<Entry>) -> Result<Vec<Vec<ApplyOutput>>, StoreError> {
         let events_cf = cf_handle(&self.db, cf::EVENTS)?;
         let nodes_cf = cf_handle(&self.db, cf::NODES)?;
         let clients_cf = cf_handle(&self.db, cf::CLIENTS)?;
@@ -105,44 +113,41 @@ impl StateMachineStore {
         let applied = &mut *guard;
         let mut membership_changed = false;
         for entry in entries {
-            let revision = entry.log_id.index;
             applied.last_applied = Some(entry.log_id);
             match entry.payload {
-                EntryPayload::Blank => outputs.push(ApplyOutput {
-                    revision,
-                    reply: Ok(Reply::Nothing),
-                }),
-                EntryPayload::Normal(Command {
-                    op: Op::Compact { revision: upto },
-                    ..
-                }) => {
-                    // Never past the entry itself, never backwards.
-                    let point = upto
-                        .min(revision.saturating_sub(1))
-                        .max(applied.compacted_revision);
-                    batch.delete_range_cf(events_cf, u64_key(0), u64_key(point + 1));
-                    batch.put_cf(meta_cf, codec::COMPACTED, codec::encode(&point));
-                    applied.compacted_revision = point;
-                    outputs.push(ApplyOutput {
-                        revision,
-                        reply: Ok(Reply::Compacted { revision: point }),
-                    });
-                }
-                EntryPayload::Normal(cmd) => {
-                    let (out, events) = applied.state.apply(revision, &cmd);
-                    if !events.is_empty() {
-                        batch.put_cf(events_cf, u64_key(revision), codec::encode(&events));
-                        published.push(RevisionEvents { revision, events });
+                EntryPayload::Blank => outputs.push(Vec::new()),
+                EntryPayload::Normal(Proposal { commands }) => {
+                    let mut replies = Vec::with_capacity(commands.len());
+                    for cmd in &commands {
+                        applied.revision += 1;
+                        let revision = applied.revision;
+                        if let Op::Compact { revision: upto } = cmd.op {
+                            // Never past the command itself, never backwards.
+                            let point = upto
+                                .min(revision.saturating_sub(1))
+                                .max(applied.compacted_revision);
+                            batch.delete_range_cf(events_cf, u64_key(0), u64_key(point + 1));
+                            batch.put_cf(meta_cf, codec::COMPACTED, codec::encode(&point));
+                            applied.compacted_revision = point;
+                            replies.push(ApplyOutput {
+                                revision,
+                                reply: Ok(Reply::Compacted { revision: point }),
+                            });
+                            continue;
+                        }
+                        let (out, events) = applied.state.apply(revision, cmd);
+                        if !events.is_empty() {
+                            batch.put_cf(events_cf, u64_key(revision), codec::encode(&events));
+                            published.push(RevisionEvents { revision, events });
+                        }
+                        replies.push(out);
                     }
-                    outputs.push(out);
+                    outputs.push(replies);
                 }
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     membership_changed = true;
-                    outputs.push(ApplyOutput {
-                        revision,
-                        reply: Ok(Reply::Nothing),
-                    });
+                    outputs.push(Vec::new());
                 }
             }
         }
@@ -170,6 +175,7 @@ impl StateMachineStore {
             codec::LAST_APPLIED,
             codec::encode(&applied.last_applied),
         );
+        batch.put_cf(meta_cf, codec::REVISION, codec::encode(&applied.revision));
         if membership_changed {
             batch.put_cf(
                 meta_cf,
@@ -180,9 +186,9 @@ impl StateMachineStore {
         // Not synced: the committed log entries are durable, and a later synced log write or
         // purge makes this batch durable too (one WAL, replayed in order).
         self.db.write_opt(batch, &WriteOptions::default())?;
-        let applied_index = applied.applied_index();
+        let revision = applied.revision;
         drop(guard);
-        self.hub.publish(published, applied_index);
+        self.hub.publish(published, revision);
         Ok(outputs)
     }
 
@@ -209,7 +215,9 @@ impl StateMachineStore {
             batch.put_cf(leases_cf, k, v);
         }
         let meta_cf = cf_handle(&self.db, cf::SM_META)?;
-        let compacted = meta.last_log_id.map_or(0, |l| l.index);
+        // The snapshot carries no event history: everything up to its revision is compacted.
+        let compacted = data.revision;
+        batch.put_cf(meta_cf, codec::REVISION, codec::encode(&data.revision));
         batch.put_cf(
             meta_cf,
             codec::LAST_APPLIED,
@@ -231,6 +239,7 @@ impl StateMachineStore {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             compacted_revision: compacted,
+            revision: data.revision,
         };
         self.hub.reset(compacted);
         self.snapshot_file.save(&StoredSnapshot {
@@ -274,6 +283,7 @@ fn read_state_cfs(
         nodes: scan(cf_handle(db, cf::NODES)?)?,
         clients: scan(cf_handle(db, cf::CLIENTS)?)?,
         leases: scan(cf_handle(db, cf::LEASES)?)?,
+        revision: 0,
     })
 }
 
@@ -302,6 +312,7 @@ fn load_applied(db: &DB) -> Result<AppliedState, StoreError> {
     let get = |k: &[u8]| db.get_cf(meta_cf, k);
     let data = read_state_cfs(db, |cf| collect_kv(db.iterator_cf(cf, IteratorMode::Start)))?;
     Ok(AppliedState {
+        revision: get_meta(get, codec::REVISION)?.unwrap_or(0),
         state: decode_state(&data)?,
         last_applied: get_meta::<Option<LogId>>(get, codec::LAST_APPLIED)?.flatten(),
         membership: get_meta(get, codec::MEMBERSHIP)?.unwrap_or_default(),
@@ -325,9 +336,10 @@ impl SnapshotBuilder {
         let last_applied: Option<LogId> =
             get_meta::<Option<LogId>>(get, codec::LAST_APPLIED)?.flatten();
         let membership: StoredMembership = get_meta(get, codec::MEMBERSHIP)?.unwrap_or_default();
-        let data = read_state_cfs(&self.db, |cf| {
+        let mut data = read_state_cfs(&self.db, |cf| {
             collect_kv(snap.iterator_cf(cf, IteratorMode::Start))
         })?;
+        data.revision = get_meta(get, codec::REVISION)?.unwrap_or(0);
         let n = self.builds.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, n),
@@ -367,7 +379,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((applied.last_applied, applied.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutput>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<ApplyOutput>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

@@ -176,9 +176,12 @@ pub async fn run<O: Outbox>(
                 _ => upto + 1,
             };
         }
-        // Live, until the broadcast leaves this watch behind.
+        // Live, until the broadcast leaves this watch behind. The idle timer is not reset per
+        // event (a timer-wheel update for every watch on every revision); a tick that finds a
+        // recent event skips the progress notification instead.
         let mut idle = tokio::time::interval(ctx.progress_interval);
         idle.reset();
+        let mut last_event = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 received = live.recv() => match received {
@@ -190,7 +193,7 @@ pub async fn run<O: Outbox>(
                             return;
                         }
                         *w.next = rev.revision + 1;
-                        idle.reset();
+                        last_event = tokio::time::Instant::now();
                     }
                     Err(RecvError::Lagged(_)) => continue 'catch_up,
                     Err(RecvError::Closed) => return,
@@ -204,6 +207,9 @@ pub async fn run<O: Outbox>(
                     }
                 }
                 _ = idle.tick() => {
+                    if last_event.elapsed() < ctx.progress_interval {
+                        continue;
+                    }
                     if let Flow::Stop = w.progress(&ctx.hub, &mut live).await {
                         return;
                     }

@@ -2,12 +2,15 @@
 //! follower forwards them over the peer link. The leader stamps its wall-clock time into the
 //! command here, so apply never reads a clock. Linearizable reads pass [`Proposer::read_barrier`]:
 //! the leader confirms its leadership with a quorum (read index), and the serving member waits
-//! until it has applied up to that index.
+//! until it has applied up to that index. On the leader, [`batch`] groups concurrent commands
+//! into one log entry.
+
+mod batch;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -17,6 +20,8 @@ use crate::raft::network::PeerChannels;
 use crate::raft::{NodeId, Raft};
 use crate::state::{ApplyOutput, Command};
 use crate::storage::codec;
+use batch::Batcher;
+pub use batch::Batching;
 
 /// Why a proposal or read barrier did not complete. All of these are retryable by the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -59,6 +64,8 @@ struct Inner {
     wait: Duration,
     /// Linearizable reads waiting for the next read-index round.
     reads: Mutex<ReadRounds>,
+    /// Groups this member's proposals into log entries while it leads.
+    batcher: Batcher,
 }
 
 /// Read-index batching (as etcd does): one quorum round answers every read that arrived
@@ -88,10 +95,12 @@ impl Proposer {
         channels: PeerChannels,
         metrics: Arc<Metrics>,
         wait: Duration,
+        batching: Batching,
     ) -> Self {
         Proposer {
             inner: Arc::new(Inner {
                 id,
+                batcher: Batcher::start(id, raft.clone(), batching),
                 raft,
                 channels,
                 metrics,
@@ -130,22 +139,9 @@ impl Proposer {
         Ok(out)
     }
 
-    /// Proposes on this member, which must be the leader.
-    pub async fn propose_here(&self, mut cmd: Command) -> ForwardReply {
-        cmd.time_ms = now_ms();
-        match self.inner.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ProposeError::NotLeader {
-                    member: self.inner.id,
-                    leader: f.leader_id,
-                })
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(ProposeError::Stopped(e.to_string()))
-            }
-            Err(RaftError::Fatal(f)) => Err(ProposeError::Stopped(f.to_string())),
-        }
+    /// Proposes on this member, which must be the leader; the batcher stamps the time.
+    pub async fn propose_here(&self, cmd: Command) -> ForwardReply {
+        self.inner.batcher.propose(cmd).await
     }
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> ForwardReply {

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Lints and renders charts/kord with Helm's Go library (PyPI helm-python-sdk, Python >= 3.10) and
+# compares the output with manifests/. Installs the package into a venv (default
+# ~/.cache/kord/venv) on first use.
+#   scripts/chart.sh [check]   # lint --strict + rendered output == manifests/
+#   scripts/chart.sh update    # rewrite manifests/ from the chart
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${KORD_VENV:-$HOME/.cache/kord/venv}"
+if ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
+  echo "[chart] installing helm-python-sdk into $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'helm-python-sdk>=0.2,<0.3'
+fi
+exec "$venv/bin/python" "$root/scripts/chart.py" "${1:-check}"
