@@ -379,6 +379,17 @@ fn operator_missing(k: &K8s) -> Option<String> {
             chart.display()
         ));
     }
+    // Members advertise <pod>.<cluster>-peer.<ns>.svc and the operator reaches
+    // <cluster>.<ns>.svc: both need cluster DNS (the local cluster has none yet).
+    if k.kubectl(&["get", "service", "kube-dns", "-n", "kube-system"])
+        .is_err()
+    {
+        return Some(
+            "the cluster has no DNS (no kube-system/kube-dns service); the operator's member \
+             addresses are <pod>.<cluster>-peer.<ns>.svc names"
+                .into(),
+        );
+    }
     if std::process::Command::new(&k.helm)
         .arg("--help")
         .output()
