@@ -111,4 +111,6 @@ for b in "${bins[@]}"; do
   install -m 0755 "$tree/_output/local/bin/linux/amd64/$b" "$bindir/$b"
 done
 have_all_bins
+# The source tree and Go's outputs take about 2.6 GB; the binaries are all that is kept.
+rm -rf "$work"
 echo "$bindir"

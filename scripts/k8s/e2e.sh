@@ -64,7 +64,9 @@ phase up
 
 profile_flag=()
 [[ "$KORD_IMAGE_PROFILE" == release ]] && profile_flag=(--release)
-cargo build --locked --workspace --bins "${profile_flag[@]}" || exit 1
+# The same command as scripts/test.sh's build (other target selections unify features
+# differently and rebuild much of the tree): a no-op after it.
+cargo build --locked --workspace --all-targets "${profile_flag[@]}" || exit 1
 phase cargo-build
 images="$("$here/image.sh" all)" || exit 1
 echo "$images"
