@@ -14,6 +14,7 @@ pub mod bins;
 pub mod chaos;
 pub mod cluster;
 pub mod http;
+pub mod k8s;
 pub mod kv;
 pub mod ports;
 pub mod wait;
