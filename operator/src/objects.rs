@@ -202,7 +202,12 @@ pub fn pod(
         )),
         Start::Join => {
             args.push(format!("--join={}", names.client_endpoint()));
-            args.push("--join-as-learner".to_string());
+            // Voters join as learners and are promoted once caught up; observers say so at
+            // join, so every member reports them as observers and none promotes them.
+            args.push(match kind {
+                Kind::Observer => "--observer".to_string(),
+                _ => "--join-as-learner".to_string(),
+            });
         }
     }
     let data_volume = if spec.storage.ephemeral {
@@ -460,6 +465,19 @@ mod tests {
         );
         assert!(join.contains(&"--join-as-learner".to_string()));
         assert!(!join.iter().any(|a| a.starts_with("--initial-cluster")));
+        let observer = pod(&kc, &names, 5, Kind::Observer, Start::Join)
+            .expect("pod")
+            .spec
+            .expect("spec")
+            .containers[0]
+            .args
+            .clone()
+            .expect("args");
+        assert!(
+            observer.contains(&"--observer".to_string()),
+            "an observer joins as one: {observer:?}"
+        );
+        assert!(!observer.contains(&"--join-as-learner".to_string()));
     }
 
     #[test]
