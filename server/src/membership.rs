@@ -25,11 +25,10 @@ use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
 use crate::proposal::Proposer;
-use crate::raft::network::PeerChannels;
+use crate::raft::network::{PeerChannels, PeerRpc};
 use crate::raft::peers::PeerGuard;
 use crate::raft::{KordNode, NodeId, Raft, RaftMetrics};
 use crate::state::{ApplyError, Command, CreateMode, Op, SubOp, WriteId};
-use crate::storage::codec;
 use crate::storage::state_machine::SharedState;
 
 /// Where removed member ids are remembered (one persistent znode per id).
@@ -783,27 +782,16 @@ impl Membership {
             .ok_or(MembershipError::Unavailable(format!(
                 "member {to} is not in this member's membership"
             )))?;
-        let failed = |why: String| {
-            MembershipError::Unavailable(format!("calling member {to} at {addr}: {why}"))
-        };
-        let mut client = self
-            .inner
-            .channels
-            .client(&addr)
-            .map_err(|e| failed(e.to_string()))?;
-        let mut request = tonic::Request::new(kord_api::peer::Payload {
-            data: codec::encode(call),
-        });
         // A little over the call's own budget, so the remote's answer arrives before ours ends.
-        request.set_timeout(
-            deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(500),
-        );
-        let response = client
-            .admin(request)
+        let timeout =
+            deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(500);
+        self.inner
+            .channels
+            .call(&addr, PeerRpc::Admin, call, timeout)
             .await
-            .map_err(|s| failed(s.message().to_owned()))?;
-        postcard::from_bytes(&response.into_inner().data)
-            .map_err(|e| failed(format!("malformed reply: {e}")))
+            .map_err(|why| {
+                MembershipError::Unavailable(format!("calling member {to} at {addr}: {why}"))
+            })
     }
 }
 

@@ -16,10 +16,9 @@ use tokio::sync::oneshot;
 
 use crate::liveness::{LeaseError, LeaseQuery};
 use crate::metrics::Metrics;
-use crate::raft::network::PeerChannels;
+use crate::raft::network::{PeerChannels, PeerRpc};
 use crate::raft::{NodeId, Raft};
 use crate::state::{ApplyOutput, Command};
-use crate::storage::codec;
 use batch::Batcher;
 pub use batch::Batching;
 
@@ -75,14 +74,6 @@ struct Inner {
 struct ReadRounds {
     running: bool,
     waiting: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
-}
-
-/// The peer calls a follower makes to the leader.
-#[derive(Debug, Clone, Copy)]
-enum PeerCall {
-    Forward,
-    ReadIndex,
-    Lease,
 }
 
 /// Forwarding hops before giving up (leadership may move while a write is in flight).
@@ -145,42 +136,28 @@ impl Proposer {
     }
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> ForwardReply {
-        self.call_leader::<_, ForwardReply>(leader, PeerCall::Forward, cmd, self.inner.wait * 2)
+        self.call_leader::<_, ForwardReply>(leader, PeerRpc::Forward, cmd, self.inner.wait * 2)
             .await?
     }
 
-    /// One peer call to the leader: encodes the request, decodes the reply, and reports
-    /// transport failures as `ForwardFailed`.
+    /// One peer call to the leader; transport failures become `ForwardFailed`.
     async fn call_leader<Req: Serialize, Resp: serde::de::DeserializeOwned>(
         &self,
         leader: NodeId,
-        call: PeerCall,
+        rpc: PeerRpc,
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, ProposeError> {
         let addr = self.peer_addr(leader)?;
-        let failed = |reason: String| ProposeError::ForwardFailed {
-            leader,
-            addr: addr.clone(),
-            reason,
-        };
-        let mut client = self
-            .inner
+        self.inner
             .channels
-            .client(&addr)
-            .map_err(|e| failed(e.to_string()))?;
-        let mut request = tonic::Request::new(kord_api::peer::Payload {
-            data: codec::encode(req),
-        });
-        request.set_timeout(timeout);
-        let response = match call {
-            PeerCall::Forward => client.forward(request).await,
-            PeerCall::ReadIndex => client.read_index(request).await,
-            PeerCall::Lease => client.lease(request).await,
-        }
-        .map_err(|s| failed(s.message().to_owned()))?;
-        postcard::from_bytes::<Resp>(&response.into_inner().data)
-            .map_err(|e| failed(format!("malformed reply: {e}")))
+            .call(&addr, rpc, req, timeout)
+            .await
+            .map_err(|reason| ProposeError::ForwardFailed {
+                leader,
+                addr,
+                reason,
+            })
     }
 
     /// Sends a lease query to the leader's countdowns on another member.
@@ -192,7 +169,7 @@ impl Proposer {
         let answer = self
             .call_leader::<_, Result<u64, LeaseError>>(
                 leader,
-                PeerCall::Lease,
+                PeerRpc::Lease,
                 &query,
                 self.inner.wait,
             )
@@ -289,7 +266,7 @@ impl Proposer {
     async fn remote_read_index(&self, leader: NodeId) -> Result<u64, ProposeError> {
         self.call_leader::<_, Result<u64, ProposeError>>(
             leader,
-            PeerCall::ReadIndex,
+            PeerRpc::ReadIndex,
             &(),
             self.inner.wait,
         )

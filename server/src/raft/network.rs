@@ -55,6 +55,42 @@ impl PeerChannels {
     }
 }
 
+/// The peer RPCs members make to each other outside Raft (forwarding to the leader).
+#[derive(Debug, Clone, Copy)]
+pub enum PeerRpc {
+    Forward,
+    ReadIndex,
+    Lease,
+    Admin,
+}
+
+impl PeerChannels {
+    /// One non-Raft peer call: encodes `req` with postcard, calls `rpc` at `addr` within
+    /// `timeout` and decodes the reply. The error names the transport or decoding failure.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        rpc: PeerRpc,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, String> {
+        let mut client = self.client(addr).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(Payload {
+            data: postcard::to_allocvec(req).map_err(|e| format!("encoding the request: {e}"))?,
+        });
+        request.set_timeout(timeout);
+        let response = match rpc {
+            PeerRpc::Forward => client.forward(request).await,
+            PeerRpc::ReadIndex => client.read_index(request).await,
+            PeerRpc::Lease => client.lease(request).await,
+            PeerRpc::Admin => client.admin(request).await,
+        }
+        .map_err(|s| s.message().to_owned())?;
+        postcard::from_bytes(&response.into_inner().data)
+            .map_err(|e| format!("malformed reply: {e}"))
+    }
+}
+
 pub struct NetworkFactory {
     pub channels: PeerChannels,
     pub guard: Arc<PeerGuard>,
