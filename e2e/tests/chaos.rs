@@ -27,31 +27,22 @@ fn duration() -> Duration {
     Duration::from_secs(secs)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_members_survive_kills_and_pauses() {
-    let faults = vec![
-        Fault::KillLeader,
-        Fault::KillRandom,
-        Fault::PauseLeader,
-        Fault::PauseRandom,
-        Fault::TransferLeader,
-        Fault::ReplaceWiped,
-        Fault::ReplaceMember,
-    ];
-    let report = chaos::run(ChaosOpts::new(seed(), 3, duration(), faults)).await;
+/// Runs one chaos run and asserts it passed, was decided and exercised load and faults.
+async fn run_and_check(members: usize, faults: Vec<Fault>) {
+    let report = chaos::run(ChaosOpts::new(seed(), members, duration(), faults)).await;
     assert!(
         report.passed(),
         "chaos run failed (seed {}):\n{}",
         report.seed,
         report.summary()
     );
-    // The run must have exercised something: load and faults.
     // Every key group decided (a checker that ran out of budget proves nothing).
     assert!(
         report.verdict.is_linearizable(),
         "linearizability undecided:\n{}",
         report.summary()
     );
+    // The run must have exercised something: load and faults.
     assert!(
         report.stats.ok > 100,
         "too little load got through: {:?}",
@@ -65,6 +56,20 @@ async fn three_members_survive_kills_and_pauses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_survive_kills_and_pauses() {
+    let faults = vec![
+        Fault::KillLeader,
+        Fault::KillRandom,
+        Fault::PauseLeader,
+        Fault::PauseRandom,
+        Fault::TransferLeader,
+        Fault::ReplaceWiped,
+        Fault::ReplaceMember,
+    ];
+    run_and_check(3, faults).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_survive_partitions_and_slow_links() {
     let faults = vec![
         Fault::PartitionLeader,
@@ -72,27 +77,5 @@ async fn five_members_survive_partitions_and_slow_links() {
         Fault::SlowLink,
         Fault::KillLeader,
     ];
-    let report = chaos::run(ChaosOpts::new(seed(), 5, duration(), faults)).await;
-    assert!(
-        report.passed(),
-        "chaos run failed (seed {}):\n{}",
-        report.seed,
-        report.summary()
-    );
-    // Every key group decided (a checker that ran out of budget proves nothing).
-    assert!(
-        report.verdict.is_linearizable(),
-        "linearizability undecided:\n{}",
-        report.summary()
-    );
-    assert!(
-        report.stats.ok > 100,
-        "too little load got through: {:?}",
-        report.stats
-    );
-    assert!(
-        report.nemesis.faults >= 3,
-        "too few faults: {:?}",
-        report.nemesis.log
-    );
+    run_and_check(5, faults).await;
 }

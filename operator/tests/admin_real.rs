@@ -23,16 +23,14 @@ async fn membership_until(
     what: &str,
     ok: impl Fn(&Membership) -> bool,
 ) -> Membership {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(m) = admin::membership(endpoint).await {
-            if ok(&m) {
-                return m;
-            }
+    kord_e2e::wait_until(what, WAIT, || async {
+        match admin::membership(endpoint).await {
+            Ok(m) if ok(&m) => Ok(m),
+            Ok(m) => Err(format!("membership so far: {m:?}")),
+            Err(e) => Err(e.to_string()),
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 fn ready_pod(id: u64, image: &str) -> Pod {

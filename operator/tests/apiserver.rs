@@ -8,7 +8,7 @@
 //! so the cluster stays in Bootstrapping, which is what the status must say.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
@@ -20,7 +20,6 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, CustomResourceExt, ResourceExt};
 
 const WAIT: Duration = Duration::from_secs(90);
-const POLL: Duration = Duration::from_millis(500);
 
 async fn client() -> Option<kube::Client> {
     // KORD_K8S_KUBECONFIG: what scripts/k8s/e2e.sh exports for the local cluster it runs.
@@ -47,17 +46,11 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    kord_e2e::wait_until(what, WAIT, || {
+        let polled = check();
+        async move { polled.await.ok_or_else(|| "not yet".to_string()) }
+    })
+    .await
 }
 
 async fn install_crd(client: &kube::Client) {

@@ -31,7 +31,9 @@ use crate::raft::{KordNode, NodeId, Raft, RaftMetrics};
 use crate::state::{ApplyError, Command, CreateMode, Op, SubOp, WriteId};
 use crate::storage::state_machine::SharedState;
 
-/// Where removed member ids are remembered (one persistent znode per id).
+/// The membership service's subtree: read-only for clients (the Kv edge refuses writes).
+pub const MEMBERS_DIR: &str = "/kord/members";
+/// Where removed member ids are remembered (one persistent znode per id), under MEMBERS_DIR.
 pub const REMOVED_DIR: &str = "/kord/members/removed";
 
 /// How long a change may take when the request carries no deadline (`kord --join`).
@@ -427,12 +429,7 @@ impl Membership {
                 Err(MembershipError::NotMember(id))
             };
         }
-        if id == self.inner.id {
-            return Err(MembershipError::Refused(format!(
-                "member {id} is the leader: transfer leadership to another voter first \
-                 (TransferLeader)"
-            )));
-        }
+        self.refuse_self(id)?;
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let is_voter = voters.contains(&id);
         if is_voter {
@@ -446,6 +443,17 @@ impl Membership {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
         self.change(change, deadline).await
+    }
+
+    /// This member leads: it is never removed or replaced directly.
+    fn refuse_self(&self, id: NodeId) -> Result<()> {
+        if id == self.inner.id {
+            return Err(MembershipError::Refused(format!(
+                "member {id} is the leader: transfer leadership to another voter first \
+                 (TransferLeader)"
+            )));
+        }
+        Ok(())
     }
 
     #[tracing::instrument(skip(self, new), fields(new_id = new.id))]
@@ -462,12 +470,7 @@ impl Membership {
             .get_node(&old_id)
             .cloned()
             .ok_or(MembershipError::NotMember(old_id))?;
-        if old_id == self.inner.id {
-            return Err(MembershipError::Refused(format!(
-                "member {old_id} is the leader: transfer leadership to another voter first \
-                 (TransferLeader)"
-            )));
-        }
+        self.refuse_self(old_id)?;
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let old_is_voter = voters.contains(&old_id);
         if old_is_voter && new.node.observer {

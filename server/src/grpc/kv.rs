@@ -51,10 +51,8 @@ impl KvService {
         }
         // Membership tombstones keep removed ids from ever rejoining; only the membership
         // service writes them (reads are allowed).
-        let members_dir = crate::membership::REMOVED_DIR.trim_end_matches("/removed");
-        if !matches!(op, SubOp::Check { .. })
-            && (op.path() == members_dir || op.path().starts_with(&format!("{members_dir}/")))
-        {
+        let members_dir = crate::membership::MEMBERS_DIR;
+        if !matches!(op, SubOp::Check { .. }) && path::is_at_or_below(op.path(), members_dir) {
             return Err(EdgeError::PermissionDenied(format!(
                 "{} is reserved for the membership service: {members_dir} and below are read-only for clients",
                 op.path()

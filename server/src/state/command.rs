@@ -152,8 +152,6 @@ pub enum SubReply {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
-    /// Entries that carry no command (Raft's blank and membership entries).
-    Nothing,
     Single(SubReply),
     Txn(Vec<SubReply>),
     LeaseGranted {

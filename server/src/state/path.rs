@@ -64,6 +64,14 @@ fn is_forbidden_char(c: char) -> bool {
 }
 
 /// The parent of a valid, non-root path.
+/// Whether `path` is `dir` itself or a node below it (every path is below the root).
+pub fn is_at_or_below(path: &str, dir: &str) -> bool {
+    dir == "/"
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 pub fn parent(path: &str) -> &str {
     match path.rfind('/') {
         Some(0) => "/",
@@ -83,6 +91,15 @@ pub fn name(path: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subtree_membership_respects_component_boundaries() {
+        assert!(is_at_or_below("/a", "/a"));
+        assert!(is_at_or_below("/a/b/c", "/a"));
+        assert!(is_at_or_below("/x", "/"));
+        assert!(!is_at_or_below("/ab", "/a"));
+        assert!(!is_at_or_below("/", "/a"));
+    }
 
     #[test]
     fn accepts_valid_paths() {

@@ -210,6 +210,16 @@ fn granted(out: &ApplyOutput) -> u64 {
     }
 }
 
+/// Grants a 1 s session at `revision` and returns its id.
+fn grant_session(s: &mut State, revision: u64) -> u64 {
+    let grant = raw(Op::LeaseGrant {
+        id: 0,
+        ttl_ms: 1_000,
+        session: true,
+    });
+    granted(&s.apply(revision, &grant).0)
+}
+
 #[test]
 fn ephemeral_nodes_die_with_their_lease_atomically() {
     let mut s = State::new();
@@ -377,17 +387,7 @@ fn reap_deletes_only_what_is_still_due() {
 #[test]
 fn load_rebuilds_lease_and_reap_indexes() {
     let mut s = State::new();
-    let lease = granted(
-        &s.apply(
-            1,
-            &raw(Op::LeaseGrant {
-                id: 0,
-                ttl_ms: 1_000,
-                session: true,
-            }),
-        )
-        .0,
-    );
+    let lease = grant_session(&mut s, 1);
     s.apply(2, &cmd(create_mode("/e", CreateMode::Ephemeral { lease })));
     s.apply(3, &cmd(create_mode("/c", CreateMode::Container)));
     let dirty = s.take_dirty();
@@ -410,17 +410,7 @@ fn load_rebuilds_lease_and_reap_indexes() {
 #[test]
 fn ephemeral_and_sequential_combine() {
     let mut s = State::new();
-    let lease = granted(
-        &s.apply(
-            1,
-            &raw(Op::LeaseGrant {
-                id: 0,
-                ttl_ms: 1_000,
-                session: true,
-            }),
-        )
-        .0,
-    );
+    let lease = grant_session(&mut s, 1);
     s.apply(2, &cmd(create("/q", "")));
     let op = SubOp::Create {
         path: "/q/m-".into(),

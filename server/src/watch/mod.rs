@@ -54,12 +54,7 @@ impl WatchSpec {
                 (p == self.path && event.kind == EventKind::ChildrenChanged)
                     || (p != "/" && path::parent(p) == self.path)
             }
-            Scope::Subtree => {
-                p == self.path
-                    || self.path == "/"
-                    || (p.starts_with(self.path.as_str())
-                        && p.as_bytes().get(self.path.len()) == Some(&b'/'))
-            }
+            Scope::Subtree => path::is_at_or_below(p, &self.path),
         }
     }
 }
