@@ -8,6 +8,7 @@
 //! - `KORD_K8S_SAMPLE_IMAGE`: the sample service's image (default: the kord image's reference
 //!   with `kord-k8s-sample` for the repository's last component).
 //! - `KORD_K8S_OPERATOR_IMAGE`: the operator image (default likewise, `kord-operator`).
+//! - `KORD_K8S_UPGRADE_TAG`: a second tag of the kord image, for the helm-upgrade step.
 //! - `KORD_K8S_KUBECTL` (default `kubectl`), `KORD_K8S_HELM` (a `helm`-compatible wrapper,
 //!   default `kord-helm`; see scripts/k8s/tools.sh).
 //! - `KORD_K8S_POD_LOG_DIR`: read pod logs from this directory (the node's /var/log/pods)

@@ -4,8 +4,9 @@
 //! Opt-in: it needs `KORD_K8S_KUBECONFIG` and `KORD_K8S_IMAGE` (see `kord_e2e::k8s`), which
 //! `scripts/k8s/e2e.sh` (local cluster built from Debian's packages) and
 //! `scripts/kind/run-e2e.sh` (kind) set. Without them each test prints "skipped: ..." and
-//! passes. The operator scenarios also need the chart (charts/kord) and the KordCluster CRD's
-//! operator; until those exist they skip with that reason.
+//! passes. The operator scenario also needs the operator's image (`KORD_K8S_OPERATOR_IMAGE`),
+//! cluster DNS (a `kube-system/kube-dns` Service) and `KORD_K8S_UPGRADE_TAG`, a second tag of the
+//! Kord image for the helm-upgrade step; without them it skips, saying which is missing.
 //!
 //! Run: `cargo test -p kord-e2e --test k8s -- --test-threads 1 --nocapture`.
 
@@ -26,8 +27,13 @@ fn setup(test: &str) -> Option<K8s> {
     }
 }
 
+/// The tree under test. Read at run time: cargo sets it for the test process, while the
+/// compile-time value can name another clone that shared the target dir (CI's cache).
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(".."))
@@ -379,8 +385,15 @@ fn operator_missing(k: &K8s) -> Option<String> {
             chart.display()
         ));
     }
+    if std::env::var_os("KORD_K8S_UPGRADE_TAG").is_none() {
+        return Some(
+            "KORD_K8S_UPGRADE_TAG is not set: it names a second tag of the Kord image, for the \
+             helm upgrade step (scripts/k8s/e2e.sh and scripts/kind/run-e2e.sh set it)"
+                .into(),
+        );
+    }
     // Members advertise <pod>.<cluster>-peer.<ns>.svc and the operator reaches
-    // <cluster>.<ns>.svc: both need cluster DNS (the local cluster has none yet).
+    // <cluster>.<ns>.svc: both need cluster DNS (scripts/k8s/up.sh runs one).
     if k.kubectl(&["get", "service", "kube-dns", "-n", "kube-system"])
         .is_err()
     {
@@ -450,6 +463,10 @@ struct ClusterStatus {
     replicas: u64,
     leader: String,
     members: Vec<Value>,
+    /// The step in flight for the spec the operator has seen (None once converged).
+    membership_change: Option<String>,
+    generation: i64,
+    observed_generation: i64,
 }
 
 fn cluster_status(k: &K8s, ns: &str) -> Result<ClusterStatus, String> {
@@ -464,10 +481,70 @@ fn cluster_status(k: &K8s, ns: &str) -> Result<ClusterStatus, String> {
             other => other.to_string(),
         },
         members: status["members"].as_array().cloned().unwrap_or_default(),
+        membership_change: status["membershipChange"].as_str().map(str::to_owned),
+        generation: kc["metadata"]["generation"].as_i64().unwrap_or(0),
+        observed_generation: status["observedGeneration"].as_i64().unwrap_or(-1),
     })
 }
 
-/// Waits until the KordCluster has `n` desired, `n` ready voters and a leader.
+/// Deletes a pod at once (grace period 0), as a node failure would.
+fn delete_pod_now(k: &K8s, ns: &str, pod: &str) {
+    k.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        ns,
+        pod,
+        "--grace-period=0",
+        "--force",
+    ])
+    .expect("delete pod");
+}
+
+fn pod_uid(k: &K8s, ns: &str, pod: &str) -> String {
+    k.kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        ns,
+        pod,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])
+    .map(|u| u.trim().to_owned())
+    .unwrap_or_default()
+}
+
+/// Deletes member pods at once and waits until the operator has recreated every one under its
+/// name (on its volume), so a following convergence wait cannot pass on the status from before.
+fn kill_members(k: &K8s, ns: &str, pods: &[String]) {
+    let before: BTreeMap<&String, String> = pods.iter().map(|p| (p, pod_uid(k, ns, p))).collect();
+    for p in pods {
+        delete_pod_now(k, ns, p);
+    }
+    k.wait(
+        "the deleted member pods to be recreated",
+        k.secs(300),
+        || {
+            let stale: Vec<&&String> = before
+                .iter()
+                .filter(|(p, old)| {
+                    let uid = pod_uid(k, ns, p);
+                    uid.is_empty() || uid == **old
+                })
+                .map(|(p, _)| p)
+                .collect();
+            if stale.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not yet recreated: {stale:?}"))
+            }
+        },
+    );
+}
+
+/// Waits until the KordCluster has `n` desired, `n` ready voters, a leader, no other members
+/// and no step in flight.
 fn wait_converged(k: &K8s, ns: &str, n: u64, timeout: Duration) -> ClusterStatus {
     k.wait(
         &format!("KordCluster kord at {n}/{n} with a leader"),
@@ -479,7 +556,12 @@ fn wait_converged(k: &K8s, ns: &str, n: u64, timeout: Duration) -> ClusterStatus
                 .iter()
                 .filter(|m| m["role"] == "voter" && m["healthy"] == true)
                 .count() as u64;
-            if s.replicas == n && s.ready == n && voters == n && !s.leader.is_empty() {
+            // The operator's own word that nothing is left to do for this spec, too: a member
+            // being retired can still be listed beside n healthy voters.
+            let settled = s.membership_change.is_none()
+                && s.observed_generation == s.generation
+                && s.members.len() as u64 == n;
+            if s.replicas == n && s.ready == n && voters == n && !s.leader.is_empty() && settled {
                 Ok(s)
             } else {
                 Err(format!("{s:?}"))
@@ -547,6 +629,22 @@ impl Drop for PvPool {
     fn drop(&mut self) {
         for n in &self.names {
             let _ = self.k.kubectl(&["delete", "pv", n, "--wait=false"]);
+        }
+    }
+}
+
+/// Uninstalls the release when the scenario ends early (a panic), so its cluster-scoped objects
+/// (the operator's ClusterRole and binding) do not outlive the namespace.
+struct Release<'a> {
+    k: &'a K8s,
+    ns: &'a str,
+    installed: bool,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        if self.installed && std::env::var("KORD_K8S_KEEP").as_deref() != Ok("1") {
+            let _ = self.k.helm(&["uninstall", "kord", "-n", self.ns]);
         }
     }
 }
@@ -706,6 +804,11 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         &values,
     ])
     .expect("helm install");
+    let mut release = Release {
+        k: &k,
+        ns,
+        installed: true,
+    };
     let s = wait_converged(&k, ns, 3, k.secs(300));
     let table = k
         .kubectl(&["get", "kord", "kord", "-n", ns, "--no-headers"])
@@ -748,23 +851,12 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
     assert_acked_everywhere(&k, ns, &endpoints, 2);
     lap("scale 3-5-3 under load", &mut phase);
 
-    // 4. Chaos. Each step: disrupt, wait for convergence within the bound, verify.
+    // 4. Chaos. Each step: disrupt, see the disruption, wait for convergence within the bound,
+    // verify.
     let recover = k.secs(300);
-    let kill = |pod: &str| {
-        k.kubectl(&[
-            "delete",
-            "pod",
-            "-n",
-            ns,
-            pod,
-            "--grace-period=0",
-            "--force",
-        ])
-        .expect("delete pod");
-    };
     let s = wait_converged(&k, ns, 3, recover);
     let leader = leader_pod(&s).expect("leader pod in status");
-    kill(&leader);
+    kill_members(&k, ns, std::slice::from_ref(&leader));
     let s = wait_converged(&k, ns, 3, recover);
     assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
     lap("leader pod deleted", &mut phase);
@@ -776,7 +868,7 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         .find(|p| leader_pod(&s).as_deref() != Some(*p))
         .expect("a follower")
         .to_owned();
-    kill(&follower);
+    kill_members(&k, ns, std::slice::from_ref(&follower));
     let s = wait_converged(&k, ns, 3, recover);
     assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
     lap("follower pod deleted", &mut phase);
@@ -790,9 +882,7 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         .filter_map(|m| m["pod"].as_str().map(str::to_owned))
         .take(2)
         .collect();
-    for p in &two {
-        kill(p);
-    }
+    kill_members(&k, ns, &two);
     let s = wait_converged(&k, ns, 5, recover);
     assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
     lap("two of five deleted", &mut phase);
@@ -807,22 +897,22 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
             &format!("--replicas={target}"),
         ])
         .expect("scale");
-        k.wait(
-            "the scale to start (status Progressing or membership changing)",
+        let step = k.wait(
+            "the operator to be in the middle of the scale",
             k.secs(120),
             || {
                 let s = cluster_status(&k, ns)?;
-                if s.members.len() as u64 != s.ready || s.ready != target {
-                    Ok(())
-                } else {
-                    Err("not started".into())
+                match s.membership_change {
+                    Some(step) if s.observed_generation == s.generation => Ok(step),
+                    _ => Err(format!("{s:?}")),
                 }
             },
         );
         let ops = operator_pods(&k, ns);
         assert!(!ops.is_empty(), "no operator pod found in {ns}");
+        println!("scaling to {target}: killing the operator during \"{step}\"");
         for op in &ops {
-            kill(op);
+            delete_pod_now(&k, ns, op);
         }
         let s = wait_converged(&k, ns, target, k.secs(600));
         assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
@@ -846,7 +936,7 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
     for pvc in &victim_pvcs {
         let _ = k.kubectl(&["delete", "pvc", "-n", ns, pvc, "--wait=false"]);
     }
-    kill(&victim_pod);
+    delete_pod_now(&k, ns, &victim_pod);
     let s = k.wait(
         "the lost member to be replaced under a new id",
         k.secs(600),
@@ -868,17 +958,13 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
     assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
     lap("pod and PVC deleted: replaced", &mut phase);
 
-    // 5. Helm upgrade to a new image tag: rolling, leader last, at most one election.
+    // 5. Helm upgrade to a new image tag: rolling, leader last, at most one election. The tag
+    // names the same image under a second name (scripts/k8s/e2e.sh and scripts/kind/run-e2e.sh
+    // make it), since the operator rolls members when their image changes.
+    let new_tag = std::env::var("KORD_K8S_UPGRADE_TAG").expect("checked by operator_missing");
     let before = cluster_status(&k, ns).expect("status");
     let old_leader = leader_pod(&before).unwrap_or_default();
-    let new_tag = std::env::var("KORD_K8S_UPGRADE_TAG").ok();
-    let values = chart_values(&k, 5, new_tag.as_deref(), &pool.class).to_string();
-    let mut upgrade_values: Value = serde_json::from_str(&values).expect("values");
-    // Without a second image, a pod annotation change forces the same rolling restart.
-    merge(
-        &mut upgrade_values,
-        json!({"podAnnotations": {"kord.io/e2e-upgrade": "1"}}),
-    );
+    let values = chart_values(&k, 5, Some(&new_tag), &pool.class).to_string();
     k.helm(&[
         "upgrade",
         "kord",
@@ -886,7 +972,7 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         "-n",
         ns,
         "--values-json",
-        &upgrade_values.to_string(),
+        &values,
     ])
     .expect("helm upgrade");
     let mut restart_order: Vec<String> = Vec::new();
@@ -953,6 +1039,7 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
     ]);
     k.helm(&["uninstall", "kord", "-n", ns, "--wait"])
         .expect("helm uninstall");
+    release.installed = false;
     k.wait(
         "no pods or services left after uninstall",
         k.secs(180),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stops the cluster up.sh started and undoes every host side effect: processes (by recorded
-# PID), containerd tasks and their shims, cni-* network namespaces, mounts under the run dir and
-# the kubelet's dir, the bridge link, KUBE-*/CNI-* iptables chains, /var/lib/kubelet,
-# /var/lib/cni and /var/log/pods. Idempotent: safe to run when nothing is up.
+# PID, the cluster DNS's dnsmasq with it), containerd tasks and their shims, cni-* network
+# namespaces, mounts under the run dir and the kubelet's dir, the bridge link, KUBE-*/CNI-*
+# iptables chains (kube-proxy's and CNI's), the route_localnet sysctl kube-proxy sets,
+# /var/lib/kubelet, /var/lib/cni and /var/log/pods. Idempotent: safe to run when nothing is up.
 # KORD_K8S_KEEP_RUN=1 keeps the run dir (logs) after stopping.
 set -uo pipefail
 run="${KORD_K8S_RUN:-$HOME/.cache/kord/k8s-run}"
@@ -58,6 +59,8 @@ if [[ -d "$run/containerd/state" ]]; then
     runc --root "$run/containerd/runc/$(basename "$(dirname "$rs")")" kill "$(basename "$rs")" KILL >/dev/null 2>&1 || true
   done
 fi
+stop kube-proxy
+stop cluster-dns
 stop kube-scheduler
 stop kube-controller-manager
 stop kube-apiserver
@@ -89,6 +92,10 @@ for ipt in iptables ip6tables; do
     for chain in $chains; do "$ipt" -t "$table" -X "$chain" 2>/dev/null || true; done
   done
 done
+
+if [[ -f "$run/route_localnet" ]]; then
+  sysctl -qw "net.ipv4.conf.all.route_localnet=$(cat "$run/route_localnet")" 2>/dev/null || true
+fi
 
 # Mounts: everything under the run dir and the kubelet's dir (which kubelet bind-mounts onto
 # itself), deepest first.

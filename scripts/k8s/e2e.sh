@@ -77,6 +77,10 @@ export KORD_K8S_KUBECTL KORD_K8S_HELM
 export KORD_K8S_KUBECONFIG="$kubeconfig"
 export KORD_K8S_IMAGE="$(awk '$1 ~ /\/kord:/ {print $1}' <<<"$images")"
 export KORD_K8S_SAMPLE_IMAGE="$(awk '$1 ~ /\/kord-k8s-sample:/ {print $1}' <<<"$images")"
+# The helm-upgrade step rolls the members onto a second tag of the same image.
+export KORD_K8S_UPGRADE_TAG="${KORD_K8S_IMAGE##*:}-upgrade"
+ctr -a "$KORD_K8S_RUN/containerd/containerd.sock" -n k8s.io images tag --force \
+  "$KORD_K8S_IMAGE" "${KORD_K8S_IMAGE%:*}:$KORD_K8S_UPGRADE_TAG" >/dev/null || exit 1
 op="$(awk '$1 ~ /\/kord-operator:/ {print $1}' <<<"$images")"
 [[ -n "$op" ]] && export KORD_K8S_OPERATOR_IMAGE="$op"
 export KORD_K8S_POD_LOG_DIR=/var/log/pods

@@ -56,6 +56,9 @@ while read -r ref tar; do
     images+=("$ref")
   fi
 done < <(KORD_IMAGE_NO_IMPORT=1 KORD_IMAGE_TAG="$tag" "$root/scripts/k8s/image.sh" all)
+# The helm-upgrade step rolls the members onto a second tag of the same image.
+docker tag "kord.local/kord:$tag" "kord.local/kord:$tag-upgrade"
+images+=("kord.local/kord:$tag-upgrade")
 for ref in "${images[@]}"; do
   kind load docker-image --name "$cluster" "$ref"
 done
@@ -64,5 +67,6 @@ export KORD_K8S_KUBECONFIG="$kubeconfig" KORD_K8S_KUBECTL KORD_K8S_HELM
 export KORD_K8S_IMAGE="kord.local/kord:$tag"
 export KORD_K8S_SAMPLE_IMAGE="kord.local/kord-k8s-sample:$tag"
 export KORD_K8S_OPERATOR_IMAGE="kord.local/kord-operator:$tag"
+export KORD_K8S_UPGRADE_TAG="$tag-upgrade"
 cargo test --locked -p kord-e2e --test k8s -- --test-threads 1 --nocapture
 echo "[kind-e2e] done in $((SECONDS - t0))s"

@@ -36,3 +36,13 @@ app.kubernetes.io/component: operator
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* Name of the operator's (Cluster)Role and binding: a ClusterRole is cluster-wide, so it also
+names the release's namespace (two releases in two namespaces must not collide). */}}
+{{- define "kord.rbacName" -}}
+{{- if .Values.operator.watchNamespaceOnly }}
+{{- include "kord.fullname" . }}
+{{- else }}
+{{- printf "%s-%s" (include "kord.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
