@@ -200,6 +200,97 @@ fn assert_one_holder_at_a_time(earlier: &[Hold], later: &[Hold], lost: Option<(&
     );
 }
 
+/// Kills sample replica `pods[0]` outright (grace 0), runs `also` (more disruption at the same
+/// moment), and checks: the replica's ephemeral node disappears within its session timeout
+/// (5 s) plus a bound, the lock moves on among the other replicas, and over all holds, before
+/// and after, each hold saw the previous one as the last owner and passed its fencing checks.
+fn kill_sample_replica(k: &K8s, ns: &str, endpoints: &str, pods: &[String], also: impl FnOnce()) {
+    let victim = &pods[0];
+    let members = k
+        .run_sample(ns, endpoints, &["ls", "/sample/members"], k.secs(60))
+        .expect("ls members");
+    let listed: Vec<String> = members
+        .iter()
+        .find(|e| e["event"] == "ls")
+        .and_then(|e| e["children"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    for p in pods {
+        assert!(listed.contains(p), "{p} has no ephemeral node: {listed:?}");
+    }
+    // The victim's log goes with its pod: keep its holds from before the kill.
+    let pre_kill = holds(&sample_reports(k, ns));
+    let before_kill = pre_kill.last().map(|h| h.token).unwrap_or(0);
+    let victim_holds: Vec<Hold> = pre_kill.into_iter().filter(|h| &h.pod == victim).collect();
+    let with_victim = |mut h: Vec<Hold>| {
+        for v in &victim_holds {
+            if !h.iter().any(|x| x.token == v.token) {
+                h.push(v.clone());
+            }
+        }
+        h.sort_by_key(|h| h.token);
+        h
+    };
+    let killed_at = Instant::now();
+    k.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        ns,
+        victim,
+        "--grace-period=0",
+        "--force",
+    ])
+    .expect("kill a replica");
+    also();
+    k.wait(
+        &format!("{victim}'s ephemeral node to disappear"),
+        k.secs(45),
+        || {
+            let out = k.run_sample(ns, endpoints, &["ls", "/sample/members"], k.secs(60))?;
+            let still = out.iter().any(|e| {
+                e["children"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|v| v == victim.as_str()))
+            });
+            if still {
+                Err("still listed".into())
+            } else {
+                Ok(())
+            }
+        },
+    );
+    println!(
+        "killed replica's ephemeral node gone after {:?}",
+        killed_at.elapsed()
+    );
+    let survivors: Vec<String> = pods[1..].to_vec();
+    let after_kill = k.wait(
+        "the lock to move on among the survivors",
+        k.secs(60),
+        || {
+            let h = with_victim(holds(&sample_reports(k, ns)));
+            let after: BTreeSet<&String> = h
+                .iter()
+                .filter(|h| h.token > before_kill)
+                .map(|h| &h.pod)
+                .collect();
+            if survivors.iter().all(|p| after.contains(p)) {
+                Ok(h.clone())
+            } else {
+                Err(format!("holders since: {after:?}"))
+            }
+        },
+    );
+    let final_holds = with_victim(holds(&sample_reports(k, ns)));
+    // The victim's holds since its log was last read have no report; their successors must
+    // have seen the victim as the last owner (the only gaps allowed).
+    let victim_seen = victim_holds.last().map(|h| h.token).unwrap_or(0);
+    assert_one_holder_at_a_time(&after_kill, &final_holds, Some((victim, victim_seen)));
+}
+
 /// Scenario 2 on a Kord cluster the suite starts itself: config propagation to every replica,
 /// exactly one lock holder at a time with increasing fencing tokens, a killed replica's
 /// ephemeral node disappears, and the lock keeps moving among the survivors.
@@ -279,91 +370,7 @@ fn sample_service_config_lock_and_ephemerals_on_static_kord() {
         later.len()
     );
 
-    // Kill one replica outright: its ephemeral node goes within its session timeout (5 s)
-    // plus a bound, and the lock keeps moving among the others.
-    let victim = &pods[0];
-    let members = k
-        .run_sample(ns, &endpoints, &["ls", "/sample/members"], k.secs(60))
-        .expect("ls members");
-    let listed: Vec<String> = members
-        .iter()
-        .find(|e| e["event"] == "ls")
-        .and_then(|e| e["children"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|v| v.as_str().map(str::to_owned))
-        .collect();
-    for p in &pods {
-        assert!(listed.contains(p), "{p} has no ephemeral node: {listed:?}");
-    }
-    // The victim's log goes with its pod: keep its holds from before the kill.
-    let pre_kill = holds(&sample_reports(&k, ns));
-    let before_kill = pre_kill.last().map(|h| h.token).unwrap_or(0);
-    let victim_holds: Vec<Hold> = pre_kill.into_iter().filter(|h| &h.pod == victim).collect();
-    let with_victim = |mut h: Vec<Hold>| {
-        for v in &victim_holds {
-            if !h.iter().any(|x| x.token == v.token) {
-                h.push(v.clone());
-            }
-        }
-        h.sort_by_key(|h| h.token);
-        h
-    };
-    let killed_at = Instant::now();
-    k.kubectl(&[
-        "delete",
-        "pod",
-        "-n",
-        ns,
-        victim,
-        "--grace-period=0",
-        "--force",
-    ])
-    .expect("kill a replica");
-    k.wait(
-        &format!("{victim}'s ephemeral node to disappear"),
-        k.secs(45),
-        || {
-            let out = k.run_sample(ns, &endpoints, &["ls", "/sample/members"], k.secs(60))?;
-            let still = out.iter().any(|e| {
-                e["children"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|v| v == victim.as_str()))
-            });
-            if still {
-                Err("still listed".into())
-            } else {
-                Ok(())
-            }
-        },
-    );
-    println!(
-        "killed replica's ephemeral node gone after {:?}",
-        killed_at.elapsed()
-    );
-    let survivors: Vec<String> = pods[1..].to_vec();
-    let after_kill = k.wait(
-        "the lock to move on among the survivors",
-        k.secs(60),
-        || {
-            let h = with_victim(holds(&sample_reports(&k, ns)));
-            let after: BTreeSet<&String> = h
-                .iter()
-                .filter(|h| h.token > before_kill)
-                .map(|h| &h.pod)
-                .collect();
-            if survivors.iter().all(|p| after.contains(p)) {
-                Ok(h.clone())
-            } else {
-                Err(format!("holders since: {after:?}"))
-            }
-        },
-    );
-    let final_holds = with_victim(holds(&sample_reports(&k, ns)));
-    // The victim's holds since its log was last read have no report; their successors must
-    // have seen the victim as the last owner (the only gaps allowed).
-    let victim_seen = victim_holds.last().map(|h| h.token).unwrap_or(0);
-    assert_one_holder_at_a_time(&after_kill, &final_holds, Some((victim, victim_seen)));
+    kill_sample_replica(&k, ns, &endpoints, &pods, || {});
     println!("scenario done in {:?}", started.elapsed());
 }
 
@@ -876,16 +883,35 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
     k.kubectl(&["scale", "-n", ns, "kordcluster/kord", "--replicas=5"])
         .expect("scale to 5");
     let s = wait_converged(&k, ns, 5, k.secs(600));
+    // Two replicas of the sample service, connected the way users connect: the client
+    // Service's DNS name (cluster DNS, kube-proxy). One is killed with two of the five members.
+    let service = format!("kord.{ns}.svc:7379");
+    k.apply(ns, &sample_deployment(&k.sample_image, &service, 2))
+        .expect("sample deployment");
+    let samples = k.wait_pods_ready(ns, "app=kord-sample", 2, k.secs(120));
+    k.wait("both sample replicas to hold the lock", k.secs(60), || {
+        let holders: BTreeSet<String> = holds(&sample_reports(&k, ns))
+            .into_iter()
+            .map(|h| h.pod)
+            .collect();
+        if samples.iter().all(|p| holders.contains(p)) {
+            Ok(())
+        } else {
+            Err(format!("holders so far: {holders:?}"))
+        }
+    });
     let two: Vec<String> = s
         .members
         .iter()
         .filter_map(|m| m["pod"].as_str().map(str::to_owned))
         .take(2)
         .collect();
-    kill_members(&k, ns, &two);
+    kill_sample_replica(&k, ns, &service, &samples, || kill_members(&k, ns, &two));
     let s = wait_converged(&k, ns, 5, recover);
     assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
-    lap("two of five deleted", &mut phase);
+    k.kubectl(&["delete", "deployment", "-n", ns, "sample", "--wait=false"])
+        .expect("delete the sample service");
+    lap("two of five deleted, with a client replica", &mut phase);
 
     // The operator killed in the middle of a scale-down and of a scale-up.
     for target in [3u64, 5] {
@@ -1027,7 +1053,8 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
     assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
     lap("helm upgrade", &mut phase);
 
-    // 6. Uninstall leaves no pods or services (the writers are the suite's own).
+    // 6. Uninstall leaves no pods, services or volume claims (the writers are the suite's own;
+    // the claims are owned by the KordCluster, so they go with it).
     let _ = k.kubectl(&[
         "delete",
         "pod",
@@ -1041,15 +1068,14 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         .expect("helm uninstall");
     release.installed = false;
     k.wait(
-        "no pods or services left after uninstall",
+        "no pods, services or claims left after uninstall",
         k.secs(180),
         || {
-            let pods = k.kubectl(&["get", "pods", "-n", ns, "-o", "name"])?;
-            let svcs = k.kubectl(&["get", "services", "-n", ns, "-o", "name"])?;
-            if pods.trim().is_empty() && svcs.trim().is_empty() {
+            let left = k.kubectl(&["get", "pods,services,pvc", "-n", ns, "-o", "name"])?;
+            if left.trim().is_empty() {
                 Ok(())
             } else {
-                Err(format!("{pods}{svcs}"))
+                Err(left)
             }
         },
     );
