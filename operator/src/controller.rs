@@ -17,7 +17,7 @@ use kube::{Api, ResourceExt};
 use crate::actuate::{self, ActuateError};
 use crate::crd::{Condition, KordCluster, KordClusterStatus, SpecError};
 use crate::metrics::{ErrorLabels, Metrics, StepLabels};
-use crate::objects::{Names, ObjectError, LABEL_MANAGED_BY, MANAGER};
+use crate::objects::{self, Names, ObjectError, LABEL_MANAGED_BY, MANAGER};
 use crate::observe::{self, Observation, ObserveError};
 use crate::plan::{self, majority, Desired, Plan, RaftRole, Step, Wait, DEFAULT_JOIN_TIMEOUT_MS};
 
@@ -103,7 +103,7 @@ fn desired(kc: &KordCluster) -> Result<Desired, SpecError> {
     Ok(Desired {
         voters: usize::try_from(kc.spec.replicas).unwrap_or(1),
         observers: usize::try_from(kc.spec.observers).unwrap_or(0),
-        image: kc.spec.image.clone(),
+        revision: objects::pod_revision(&kc.spec),
         ephemeral: kc.spec.storage.ephemeral,
         replace_after: u64::try_from(replace_after.as_millis()).unwrap_or(u64::MAX),
         join_timeout: DEFAULT_JOIN_TIMEOUT_MS,

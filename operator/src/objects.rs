@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::KordCluster;
+use crate::crd::{KordCluster, KordClusterSpec};
 use crate::plan::{Kind, MemberId};
 
 pub const CLIENT_PORT: i32 = 7379;
@@ -178,6 +178,38 @@ pub enum Start {
     Join,
 }
 
+/// Annotation on a member pod: the revision of the spec it was made from ([`pod_revision`]).
+pub const ANNOTATION_POD_REVISION: &str = "kord.io/pod-revision";
+
+/// The revision of the member pod template: a hash of every spec field that shapes a member pod
+/// (image, pull policy, resources, timeouts, scheduling, podTemplate), so that changing any of
+/// them rolls the members, the leader last. Not `replicas`, `observers` (counts),
+/// `storage` (a claim's size and class are fixed once made) or `replaceUnhealthyAfter` (the
+/// operator's own setting). FNV-1a over the spec's JSON (object keys sorted): the same on
+/// every build, so a new operator binary does not restart members for nothing.
+pub fn pod_revision(spec: &KordClusterSpec) -> String {
+    let mut value = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        for ignored in ["replicas", "observers", "storage", "replaceUnhealthyAfter"] {
+            fields.remove(ignored);
+        }
+        // Unset fields (null, [], {}) do not count, so a field added to a later spec version
+        // leaves existing clusters' revision alone.
+        fields.retain(|_, v| match v {
+            serde_json::Value::Null => false,
+            serde_json::Value::Array(a) => !a.is_empty(),
+            serde_json::Value::Object(o) => !o.is_empty(),
+            _ => true,
+        });
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in value.to_string().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
 pub fn pod(
     kc: &KordCluster,
     names: &Names,
@@ -271,8 +303,13 @@ pub fn pod(
         }]),
         ..Container::default()
     };
+    let mut metadata = meta(kc, names.pod(id), names.member_labels(id, kind))?;
+    metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_POD_REVISION.into(), pod_revision(spec));
     let pod = Pod {
-        metadata: meta(kc, names.pod(id), names.member_labels(id, kind))?,
+        metadata,
         spec: Some(PodSpec {
             hostname: Some(names.pod(id)),
             subdomain: Some(names.peer_service()),
@@ -434,6 +471,43 @@ mod tests {
         kc.metadata.namespace = Some("ns".into());
         kc.metadata.uid = Some("uid-1".into());
         kc
+    }
+
+    #[test]
+    fn pod_revision_follows_the_fields_that_shape_a_pod() {
+        let base = serde_json::json!({"replicas": 3, "image": "kord:1"});
+        let rev = |over: serde_json::Value| {
+            let mut spec = base.clone();
+            merge(&mut spec, &over);
+            pod_revision(&cluster(spec).spec)
+        };
+        let r0 = rev(serde_json::json!({}));
+        // Pinned: a different value on another build would restart every member for nothing.
+        assert_eq!(r0, "2563ed5a9295e841");
+        for same in [
+            serde_json::json!({"replicas": 5}),
+            serde_json::json!({"observers": 2}),
+            serde_json::json!({"storage": {"size": "9Gi"}}),
+            serde_json::json!({"replaceUnhealthyAfter": "1h"}),
+        ] {
+            assert_eq!(rev(same.clone()), r0, "{same} must not roll the members");
+        }
+        for changed in [
+            serde_json::json!({"image": "kord:2"}),
+            serde_json::json!({"electionTimeout": "2s"}),
+            serde_json::json!({"resources": {"limits": {"memory": "1Gi"}}}),
+            serde_json::json!({"nodeSelector": {"disk": "ssd"}}),
+            serde_json::json!({"podTemplate": {"metadata": {"annotations": {"a": "b"}}}}),
+        ] {
+            assert_ne!(rev(changed.clone()), r0, "{changed} must roll the members");
+        }
+        let kc = cluster(base.clone());
+        let names = Names::of(&kc).expect("names");
+        let p = pod(&kc, &names, 1, Kind::Voter, Start::Join).expect("pod");
+        assert_eq!(
+            p.annotations().get(ANNOTATION_POD_REVISION),
+            Some(&pod_revision(&kc.spec))
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use kube::{Api, ResourceExt};
 
 use crate::admin::{self, Membership};
 use crate::crd::{KordCluster, MemberStatus};
-use crate::objects::{Names, LABEL_KIND, LABEL_MEMBER_ID, LABEL_RETIRED};
+use crate::objects::{Names, ANNOTATION_POD_REVISION, LABEL_KIND, LABEL_MEMBER_ID, LABEL_RETIRED};
 use crate::plan::{Kind, Member, MemberId, Millis, Observed, Pod as PlanPod, RaftRole, RaftView};
 
 /// A member the leader has not heard from for this long is unhealthy even if its pod is ready.
@@ -171,11 +171,10 @@ pub fn assemble(
         m.retired |= pod.labels().get(LABEL_RETIRED).is_some_and(|v| v == "true");
         m.kind = kind_of(pod.labels());
         m.pod = Some(PlanPod {
-            image: pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.containers.first())
-                .and_then(|c| c.image.clone())
+            revision: pod
+                .annotations()
+                .get(ANNOTATION_POD_REVISION)
+                .cloned()
                 .unwrap_or_default(),
         });
         if ephemeral {

@@ -30,7 +30,9 @@ pub const DEFAULT_JOIN_TIMEOUT_MS: Millis = 10 * 60 * 1000;
 pub struct Desired {
     pub voters: usize,
     pub observers: usize,
-    pub image: String,
+    /// The pod template's revision (`objects::pod_revision`): a member pod made from another
+    /// is outdated and is rolled.
+    pub revision: String,
     /// Members keep data in an emptyDir: a pod gone is a member's data gone.
     pub ephemeral: bool,
     /// How long a member may be unhealthy before it is replaced.
@@ -96,7 +98,8 @@ pub struct Member {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pod {
-    pub image: String,
+    /// The revision of the spec the pod was made from.
+    pub revision: String,
 }
 
 /// One action. Each is idempotent: applying it twice is the same as once.
@@ -458,7 +461,7 @@ fn remove_voter(desired: &Desired, obs: &Observed, voters: &[MemberId], id: Memb
     Plan::Act(Step::RemoveMember { id })
 }
 
-/// A healthy voter that is staying, on the desired image if possible, the least behind first.
+/// A healthy voter that is staying, on the desired pod revision if possible, the least behind first.
 fn transfer_target(
     desired: &Desired,
     obs: &Observed,
@@ -475,7 +478,10 @@ fn transfer_target(
         })
         .min_by_key(|v| {
             let m = &obs.members[v];
-            let outdated = m.pod.as_ref().is_none_or(|p| p.image != desired.image);
+            let outdated = m
+                .pod
+                .as_ref()
+                .is_none_or(|p| p.revision != desired.revision);
             (outdated, m.lag, *v)
         })
 }
@@ -484,7 +490,11 @@ fn transfer_target(
 fn rolling_update(desired: &Desired, obs: &Observed, voters: &[MemberId]) -> Plan {
     let members = &obs.members;
     let leader = obs.raft.as_ref().map_or(0, |r| r.leader);
-    let outdated = |m: &Member| m.pod.as_ref().is_some_and(|p| p.image != desired.image);
+    let outdated = |m: &Member| {
+        m.pod
+            .as_ref()
+            .is_some_and(|p| p.revision != desired.revision)
+    };
     let mut order: Vec<MemberId> = members
         .iter()
         .filter(|(_, m)| outdated(m))

@@ -12,7 +12,7 @@ use kord_api::v1::MemberRole;
 use kord_e2e::{Cluster, ClusterOpts};
 use kord_operator::admin::{self, AdminError, Membership};
 use kord_operator::crd::KordCluster;
-use kord_operator::objects::{Names, LABEL_MEMBER_ID};
+use kord_operator::objects::{Names, ANNOTATION_POD_REVISION, LABEL_MEMBER_ID};
 use kord_operator::observe::assemble;
 use kord_operator::plan::{plan, Desired, Kind, Plan, Step};
 
@@ -33,12 +33,12 @@ async fn membership_until(
     .await
 }
 
-fn ready_pod(id: u64, image: &str) -> Pod {
+fn ready_pod(id: u64, revision: &str) -> Pod {
     let mut pod = Pod {
         spec: Some(PodSpec {
             containers: vec![Container {
                 name: "kord".into(),
-                image: Some(image.into()),
+                image: Some("kord:test".into()),
                 ..Container::default()
             }],
             ..PodSpec::default()
@@ -56,6 +56,10 @@ fn ready_pod(id: u64, image: &str) -> Pod {
     pod.metadata.labels = Some(BTreeMap::from([(
         LABEL_MEMBER_ID.to_string(),
         id.to_string(),
+    )]));
+    pod.metadata.annotations = Some(BTreeMap::from([(
+        ANNOTATION_POD_REVISION.to_string(),
+        revision.to_string(),
     )]));
     pod
 }
@@ -96,11 +100,11 @@ async fn admin_client_and_plan_on_a_real_cluster() {
     );
     kc.metadata.namespace = Some("ns".into());
     let names = Names::of(&kc).expect("names");
-    let pods: Vec<Pod> = (1..=3).map(|id| ready_pod(id, "kord:test")).collect();
+    let pods: Vec<Pod> = (1..=3).map(|id| ready_pod(id, "rev-1")).collect();
     let mut desired = Desired {
         voters: 3,
         observers: 0,
-        image: "kord:test".into(),
+        revision: "rev-1".into(),
         ephemeral: true,
         replace_after: 300_000,
         join_timeout: 600_000,

@@ -92,7 +92,7 @@ impl World {
             desired: Desired {
                 voters,
                 observers,
-                image: image(0),
+                revision: image(0),
                 ephemeral,
                 replace_after: REPLACE_AFTER,
                 join_timeout: JOIN_TIMEOUT,
@@ -164,7 +164,7 @@ impl World {
                     kind: meta.map_or(Kind::Voter, |m| m.kind),
                     retired: has_objects && meta.is_some_and(|m| m.retired),
                     pod: self.pods.get(&id).map(|p| Pod {
-                        image: p.image.clone(),
+                        revision: p.image.clone(),
                     }),
                     volume: self.data_intact(id),
                     raft,
@@ -195,7 +195,7 @@ impl World {
 
     fn new_pod(&self, bootstrap: bool) -> SimPod {
         SimPod {
-            image: self.desired.image.clone(),
+            image: self.desired.revision.clone(),
             ready: false,
             stuck: false,
             since: self.now,
@@ -440,7 +440,7 @@ impl World {
             } => {
                 self.desired.voters = voters;
                 self.desired.observers = observers;
-                self.desired.image = image(v);
+                self.desired.revision = image(v);
             }
         }
     }
@@ -565,7 +565,7 @@ impl World {
                 .pods
                 .get(&id)
                 .ok_or(format!("member {id} has no pod"))?;
-            if pod.image != self.desired.image {
+            if pod.image != self.desired.revision {
                 return Err(format!("member {id} runs {}", pod.image));
             }
             if !self.data_intact(id) {
