@@ -557,6 +557,20 @@ impl Cluster {
         });
     }
 
+    /// Starts a stopped member again with `kord --join` (through a live member) and `flags`,
+    /// as a pod recreated by an orchestrator would, without waiting for it.
+    pub fn respawn_joining(&mut self, id: u64, flags: &[&str]) {
+        assert!(!self.is_running(id), "respawn member {id}: it is running");
+        let via = *self
+            .live_ids()
+            .iter()
+            .find(|&&m| m != id)
+            .expect("a live member to join through");
+        let endpoint = self.client_addr(via).to_string();
+        self.member_mut(id).join = Some((endpoint, flags.iter().map(|f| f.to_string()).collect()));
+        self.spawn_member(id);
+    }
+
     /// Starts a stopped member again on its data without waiting for it (it may be expected
     /// to refuse to run).
     pub fn respawn(&mut self, id: u64) {

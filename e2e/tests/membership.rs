@@ -245,6 +245,45 @@ async fn removal_keeps_serving_keeps_a_majority_and_never_reuses_the_id() {
     assert_eq!(list.members.len(), 2, "{:?}", roles(&list));
 }
 
+/// A voter whose disk was wiped and that comes back under its old id with `--join` (as an
+/// orchestrator's recreated pod would) is refused and stops, saying why; it stays a voter in the
+/// membership for an operator to replace, and the others keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_voter_rejoining_under_its_id_is_refused() {
+    let mut c = Cluster::start(3, ClusterOpts::default()).await;
+    let leader = c.leader().await;
+    let wiped = c.followers().await[0];
+    c.kv(leader)
+        .create(create_req("/before-wipe", b"1"))
+        .await
+        .expect("write");
+    c.kill(wiped);
+    c.wipe(wiped);
+    for flags in [&["--join-as-learner"][..], &[][..]] {
+        c.respawn_joining(wiped, flags);
+        let status = c.wait_exit(wiped, WAIT).await;
+        assert!(!status.success(), "wiped voter exited with {status}");
+        let log = c.log_tail(wiped, 200);
+        assert!(
+            log.contains("lost its") && log.contains("data"),
+            "member {wiped} ({flags:?}) did not say why it stopped:\n{log}"
+        );
+        c.wipe(wiped);
+    }
+    let admin = client(&c).await;
+    let list = admin.member_list().await.expect("list");
+    assert_eq!(
+        roles(&list).get(&wiped),
+        Some(&MemberRole::Voter),
+        "{:?}",
+        roles(&list)
+    );
+    c.kv(leader)
+        .create(create_req("/after-wipe", b"1"))
+        .await
+        .expect("the other two keep serving");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_under_write_load_loses_no_acknowledged_write() {
     let mut c = Cluster::start(3, ClusterOpts::default()).await;

@@ -591,6 +591,18 @@ impl Membership {
             // A retry (or `kord --join` racing an operator's call) resumes; a voter is never
             // demoted by it.
             let same = node.peer_addr == new.node.peer_addr && node.observer == new.node.observer;
+            // Joiners always ask as learners first, with no data. A voter asking that has lost
+            // the data it voted and acknowledged with: letting it back under its id could lose
+            // committed writes, so it must be replaced under a new id.
+            let voter = membership.voter_ids().any(|v| v == new.id);
+            if voter && new.learner_only {
+                return Err(MembershipError::IdUsed {
+                    id: new.id,
+                    why: "is a voter, and a voter never joins as a learner: this one has lost its \
+                          data; remove it and add a member with a new id"
+                        .into(),
+                });
+            }
             if same {
                 tracing::info!(
                     member = new.id,

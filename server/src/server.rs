@@ -14,6 +14,7 @@ use kord_api::v1::lease_server::LeaseServer;
 use kord_api::v1::lock_server::LockServer;
 use kord_api::v1::watch_server::WatchServer;
 use kord_api::v1::AddMemberRequest;
+use kord_api::v1::{MemberListRequest, MemberRole};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
@@ -101,7 +102,7 @@ pub async fn run(
         state.clone(),
         proposer.clone(),
         channels,
-        guard,
+        guard.clone(),
         Settings {
             max_lag: config.member_max_lag,
             election_timeout: config.election_timeout,
@@ -181,6 +182,7 @@ pub async fn run(
         proposer,
         liveness: liveness.clone(),
         membership: membership.clone(),
+        guard: guard.clone(),
     };
     let peer_server = tonic::transport::Server::builder()
         .add_service(
@@ -294,6 +296,8 @@ async fn bootstrap(config: &Config, raft: &Raft, guard: &Arc<PeerGuard>) -> anyh
             learner,
             observer,
         } => {
+            // No Raft traffic until the cluster has added this member (see PeerGuard).
+            guard.set_joining(true);
             let request = AddMemberRequest {
                 id: config.id,
                 peer_addr: config.node.peer_addr.clone(),
@@ -310,25 +314,77 @@ async fn bootstrap(config: &Config, raft: &Raft, guard: &Arc<PeerGuard>) -> anyh
 }
 
 /// Asks the cluster to add this member, retrying (bounded) until it answers. A refusal for
-/// good (the id is in use or was removed) stops the member.
+/// good (the id is in use, was removed, or is a voter's whose data is gone) stops the member.
+///
+/// Always as a learner first: until that answer this member takes no Raft traffic, so a voter
+/// that lost its data cannot vote before the cluster refuses it. A voter-to-be then asks again
+/// without `learner_only` (add is idempotent for its learner; the leader waits until it caught
+/// up and promotes it).
 async fn join(endpoint: String, request: AddMemberRequest, raft: Raft, guard: Arc<PeerGuard>) {
+    let as_learner = AddMemberRequest {
+        learner_only: true,
+        ..request.clone()
+    };
+    if !ask_to_join(&endpoint, &as_learner, None, &guard).await {
+        return;
+    }
+    guard.set_joining(false);
+    if !request.learner_only {
+        ask_to_join(&endpoint, &request, Some(&raft), &guard).await;
+    }
+}
+
+/// One join request, retried (bounded) until answered. True once the cluster has added it.
+/// `raft`: stop early once this member sees itself as a voter (a reply lost after promotion).
+async fn ask_to_join(
+    endpoint: &str,
+    request: &AddMemberRequest,
+    raft: Option<&Raft>,
+    guard: &PeerGuard,
+) -> bool {
     const ATTEMPTS: u32 = 60;
     for attempt in 1..=ATTEMPTS {
-        // Added meanwhile (by an earlier attempt whose reply was lost, or by an operator).
-        if raft_lists(&raft, request.id, request.learner_only) {
+        if raft.is_some_and(|r| raft_lists(r, request.id, request.learner_only)) {
             tracing::info!(%endpoint, "this member is in the cluster's membership");
-            return;
+            return true;
         }
         let result = async {
             let mut client = ClusterClient::connect(format!("http://{endpoint}")).await?;
+            if raft.is_none() {
+                // Added already (an operator's AddMember or Replace, which waits for this
+                // member to catch up and holds the one change slot meanwhile)?
+                let list = client.member_list(MemberListRequest {}).await?.into_inner();
+                let me = list
+                    .members
+                    .iter()
+                    .find(|m| m.id == request.id && m.peer_addr == request.peer_addr);
+                match me.map(|m| m.role()) {
+                    Some(MemberRole::Voter) => return Ok(Listed::AsVoter),
+                    Some(_) => return Ok(Listed::AsNonVoter),
+                    None => {}
+                }
+            }
             client.add_member(request.clone()).await?;
-            anyhow::Ok(())
+            anyhow::Ok(Listed::AsNonVoter)
         }
         .await;
+        let result = match result {
+            Ok(Listed::AsVoter) => {
+                guard.removed(format!(
+                    "member {} is a voter of the cluster but started with no data: it has lost \
+                     its data, and a voter never rejoins without it; remove it and add a member \
+                     with a new id",
+                    request.id
+                ));
+                return false;
+            }
+            Ok(Listed::AsNonVoter) => Ok(()),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(()) => {
-                tracing::info!(%endpoint, "joined the cluster");
-                return;
+                tracing::info!(%endpoint, learner_only = request.learner_only, "joined the cluster");
+                return true;
             }
             // Refused for good (an id in use or removed): retrying cannot help.
             Err(e)
@@ -340,13 +396,20 @@ async fn join(endpoint: String, request: AddMemberRequest, raft: Raft, guard: Ar
                 }) =>
             {
                 guard.removed(format!("the cluster refused to add this member: {e}"));
-                return;
+                return false;
             }
             Err(e) => tracing::warn!(%endpoint, attempt, error = %e, "join failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tracing::error!(%endpoint, "gave up joining after {ATTEMPTS} attempts");
+    false
+}
+
+/// How the cluster lists a member that asks to join.
+enum Listed {
+    AsVoter,
+    AsNonVoter,
 }
 
 /// Whether `id` is in this member's membership (as a voter unless `learner_only`).

@@ -1,6 +1,7 @@
 //! The peer network, server side: hands openraft's RPCs from other members to the local Raft
 //! and serves forwarded writes, read-index and membership requests for followers. Raft traffic
-//! from a member removed from the cluster is refused (the anti-rejoin guard).
+//! from a member removed from the cluster is refused (the anti-rejoin guard), and so is all Raft
+//! traffic while this member joins with no data.
 
 use kord_api::peer::peer_server::Peer;
 use kord_api::peer::Payload;
@@ -10,7 +11,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::network::TARGET_ID_HEADER;
-use super::peers::{REMOVED_HEADER, SENDER_ID_HEADER};
+use super::peers::{PeerGuard, REMOVED_HEADER, SENDER_ID_HEADER};
 use super::{NodeId, Raft, TypeConfig};
 use crate::liveness::{LeaseQuery, Liveness};
 use crate::membership::{AdminCall, Membership};
@@ -24,6 +25,7 @@ pub struct PeerService {
     pub proposer: Proposer,
     pub liveness: Liveness,
     pub membership: Membership,
+    pub guard: std::sync::Arc<PeerGuard>,
 }
 
 impl PeerService {
@@ -79,7 +81,15 @@ impl PeerService {
 
     fn check(&self, req: &Request<Payload>) -> Result<(), Status> {
         self.check_target(req)?;
-        self.check_sender(req)
+        self.check_sender(req)?;
+        if self.guard.is_joining() {
+            return Err(Status::unavailable(format!(
+                "member {} started with no data and the cluster has not added it yet: it takes \
+                 no Raft traffic until then",
+                self.id
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -1,9 +1,11 @@
 //! Peer-link bookkeeping shared by the network client and the peer service: when this member
 //! last heard from each peer (for `MemberList`), the fence that holds Raft replication back
 //! from all but one follower during a leadership transfer, and the signal that this member was
-//! removed from the cluster (the anti-rejoin guard), which stops the process.
+//! removed from the cluster (the anti-rejoin guard), which stops the process; and whether this
+//! member is still joining with no data (it takes no Raft traffic until the cluster answers).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,10 @@ pub struct PeerGuard {
     /// During a leadership transfer: the one follower still sent AppendEntries.
     fence: Mutex<Option<NodeId>>,
     removed: watch::Sender<Option<String>>,
+    /// Started empty with `--join` and not yet added by the cluster. Such a member refuses Raft
+    /// traffic: were it a voter whose data was lost, it could otherwise vote (a second time in
+    /// a term, or for a log missing entries it had acknowledged) before it is refused.
+    joining: AtomicBool,
 }
 
 impl PeerGuard {
@@ -32,7 +38,16 @@ impl PeerGuard {
             contacts: Mutex::default(),
             fence: Mutex::default(),
             removed: watch::Sender::new(None),
+            joining: AtomicBool::new(false),
         })
+    }
+
+    pub fn set_joining(&self, joining: bool) {
+        self.joining.store(joining, Ordering::SeqCst);
+    }
+
+    pub fn is_joining(&self) -> bool {
+        self.joining.load(Ordering::SeqCst)
     }
 
     pub fn id(&self) -> NodeId {
