@@ -68,6 +68,11 @@ case "${1:-}" in
     build kord.local/pause:1 "$bin"
     ;;
   all)
+    # Tarballs of earlier tags are only a cache: drop them, or every commit adds ~150 MB.
+    for old in "$out"/kord.local_kord_*.tar "$out"/kord.local_kord-k8s-sample_*.tar \
+      "$out"/kord.local_kord-operator_*.tar; do
+      if [[ -f "$old" && "$old" != *"_$tag.tar" ]]; then rm -f "$old"; fi
+    done
     [[ -x "$target/kord" && -x "$target/kordctl" ]] || {
       log "no $profile binaries in $target: run cargo build --workspace --bins (--release for release)"
       exit 1
