@@ -35,16 +35,28 @@ fn lock_req(name: &str, lease_id: u64, timeout_ms: u64) -> LockRequest {
     }
 }
 
-async fn wakeups(c: &Cluster, id: u64) -> u64 {
+async fn counter(c: &Cluster, id: u64, name: &str) -> u64 {
     let body = http_get(c.http_addr(id), "/metrics")
         .await
         .expect("metrics")
         .body;
     body.lines()
-        .find(|l| l.starts_with("kord_claim_wakeups_total "))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
-        .expect("kord_claim_wakeups_total in /metrics") as u64
+        .unwrap_or_else(|| panic!("{name} in member {id}'s /metrics")) as u64
+}
+
+async fn wakeups(c: &Cluster, id: u64) -> u64 {
+    counter(c, id, "kord_claim_wakeups_total").await
+}
+
+/// Waits forwarded to member `id` by followers.
+async fn served(c: &Cluster, id: u64) -> u64 {
+    counter(c, id, "kord_claim_waits_served_total").await
 }
 
 async fn queue_len(c: &Cluster, id: u64, name: &str) -> usize {
@@ -160,6 +172,122 @@ async fn locks_hand_off_in_order_with_one_wakeup_each() {
 }
 
 const T: Duration = Duration::from_secs(10);
+
+/// A waiter whose client talks to a follower waits on the leader (the follower forwards the
+/// wait), so the leader's wake-up hands the lock on. When the leader is killed mid-wait, the
+/// wait fails over without an error: the lock is still handed on once, in order, with a
+/// higher fencing token, and later waits are forwarded to the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_waits_run_on_the_leader_and_survive_its_death() {
+    let mut c = Cluster::start(3, ClusterOpts::default()).await;
+    let leader = c.leader().await;
+    let followers = c.followers().await;
+    let (f1, f2) = (followers[0], followers[1]);
+    let (a, b, d) = (
+        lease(&c, leader).await,
+        lease(&c, leader).await,
+        lease(&c, leader).await,
+    );
+    let mut at_f2 = LockClient::new(c.channel(f2));
+    let held = at_f2
+        .lock(lock_req("F", a, 0))
+        .await
+        .expect("a locks")
+        .into_inner();
+
+    // A bounded wait through a follower times out on the leader and leaves no claim.
+    let before = served(&c, leader).await;
+    let err = LockClient::new(c.channel(f1))
+        .lock(lock_req("F", b, 300))
+        .await
+        .expect_err("b times out");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(
+        served(&c, leader).await > before,
+        "the wait was not forwarded"
+    );
+    wait_until("b's claim withdrawn", T, || async {
+        match queue_len(&c, f1, "F").await {
+            1 => Ok(()),
+            n => Err(format!("{n} claims")),
+        }
+    })
+    .await;
+
+    // B waits through follower f1; the wait reaches the leader, then the leader dies.
+    let before = served(&c, leader).await;
+    let mut lb = LockClient::new(c.channel(f1));
+    let wait_b = tokio::spawn(async move { lb.lock(lock_req("F", b, 0)).await });
+    wait_until("b's wait forwarded to the leader", T, || async {
+        if served(&c, leader).await > before {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    assert_eq!(queue_len(&c, f1, "F").await, 2);
+    c.kill(leader);
+    let new_leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    assert!(!wait_b.is_finished(), "b got the lock while a held it");
+
+    // A releases through f2 (retried while the cluster settles); B gets the lock next.
+    wait_until("a unlocks", T, || {
+        let mut at_f2 = at_f2.clone();
+        let key = held.key.clone();
+        async move {
+            match at_f2.unlock(UnlockRequest { key, lease_id: a }).await {
+                Ok(_) => Ok(()),
+                // An earlier attempt that failed in transit may have deleted it.
+                Err(e) if e.code() == Code::NotFound => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    let got_b = tokio::time::timeout(T, wait_b)
+        .await
+        .expect("b in time")
+        .expect("join")
+        .expect("b locks after the failover")
+        .into_inner();
+    assert!(got_b.fencing_token > held.fencing_token);
+
+    // The remaining follower forwards to the new leader.
+    let follower = if new_leader == f1 { f2 } else { f1 };
+    let before = served(&c, new_leader).await;
+    let mut ld = LockClient::new(c.channel(follower));
+    let wait_d = tokio::spawn(async move { ld.lock(lock_req("F", d, 0)).await });
+    wait_until("d's wait forwarded to the new leader", T, || async {
+        if served(&c, new_leader).await > before {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    assert!(!wait_d.is_finished(), "d got the lock while b held it");
+    let wakeups_before = wakeups(&c, new_leader).await;
+    LockClient::new(c.channel(new_leader))
+        .unlock(UnlockRequest {
+            key: got_b.key.clone(),
+            lease_id: b,
+        })
+        .await
+        .expect("b unlocks");
+    let got_d = tokio::time::timeout(T, wait_d)
+        .await
+        .expect("d in time")
+        .expect("join")
+        .expect("d locks")
+        .into_inner();
+    assert!(got_d.fencing_token > got_b.fencing_token);
+    assert_eq!(
+        wakeups(&c, new_leader).await - wakeups_before,
+        1,
+        "the release woke one waiter, on the leader"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn election_campaign_proclaim_observe_resign() {

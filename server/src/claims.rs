@@ -6,18 +6,18 @@
 //! and released. Fencing tokens are the claims' create revisions: they only grow.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::broadcast::error::RecvError;
+use serde::{Deserialize, Serialize};
 
 use crate::grpc::EdgeError;
 use crate::metrics::Metrics;
-use crate::proposal::Proposer;
-use crate::state::{
-    path, ApplyError, CreateMode, EventKind, Op, Reply, Stat, SubOp, SubReply, WriteId,
-};
+use crate::proposal::{LeaderNow, Proposer};
+use crate::raft::network::PeerRpc;
+use crate::raft::NodeId;
+use crate::state::{path, ApplyError, CreateMode, Op, Reply, Stat, SubOp, SubReply, WriteId};
 use crate::storage::state_machine::SharedState;
-use crate::watch::hub::WatchHub;
+use crate::watch::hub::{WatchHub, Woken};
 
 /// Where locks and elections keep their queues.
 pub const ROOT: &str = "/kord";
@@ -37,12 +37,37 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
     pub key: String,
     pub lease: u64,
     pub token: u64,
 }
+
+/// A blocking wait a follower hands to the leader (peer RPC `ClaimWait`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimWait {
+    pub claim: Claim,
+    /// How long the leader waits before answering [`WaitReply::TimedOut`].
+    pub timeout_ms: u64,
+}
+
+/// The leader's answer to a [`ClaimWait`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitReply {
+    /// The claim is first in its queue.
+    First,
+    /// The claim is no longer in its queue.
+    Gone,
+    /// Not first within `timeout_ms`.
+    TimedOut,
+    /// The member could not wait (e.g. it lost quorum): wait somewhere else.
+    Failed(String),
+}
+
+/// How long one forwarded wait lasts before the follower asks again: a leader change, or a
+/// leader the follower can no longer reach, is noticed within about this long.
+const FORWARDED_WAIT_SLICE: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Claims {
@@ -100,27 +125,10 @@ impl Claims {
         }
     }
 
-    /// The claim `lease` already has in the queue, if any.
-    async fn existing(&self, parent: &str, lease: u64) -> Result<Option<Claim>, EdgeError> {
-        self.proposer.read_barrier().await?;
-        let applied = self.state.read();
-        let Some(queue) = applied.state.get(parent) else {
-            return Ok(None);
-        };
-        Ok(queue.children.iter().find_map(|name| {
-            let key = format!("{parent}/{name}");
-            let stat = applied.state.get(&key)?.stat;
-            (stat.ephemeral_owner == lease).then_some(Claim {
-                key,
-                lease,
-                token: stat.create_revision,
-            })
-        }))
-    }
-
-    /// Joins the queue, or finds the claim this lease already has there (so a retried request
-    /// never queues twice). The container parent may be reaped between its creation and the
-    /// claim's: then both are made again.
+    /// Joins the queue, or finds the claim this lease already has there (so a retried or
+    /// concurrent request never queues twice: the state machine decides, see [`Op::Claim`]).
+    /// The container parent may be reaped between its creation and the claim's: then both
+    /// are made again.
     pub async fn enqueue(
         &self,
         kind: Kind,
@@ -129,12 +137,9 @@ impl Claims {
         value: Vec<u8>,
     ) -> Result<Claim, EdgeError> {
         let parent = queue_path(kind, name)?;
-        if let Some(claim) = self.existing(&parent, lease).await? {
-            return Ok(claim);
-        }
         for attempt in 0..3 {
             // The queue usually exists: then the claim is the only write. If it vanishes
-            // (reaped) before the claim applies, the create fails with NoParent and the next
+            // (reaped) before the claim applies, the claim fails with NoParent and the next
             // attempt makes the ancestors first.
             let queue_exists = self.state.read().state.get(&parent).is_some();
             if attempt > 0 || !queue_exists {
@@ -142,14 +147,13 @@ impl Claims {
                 self.ensure(kind.dir(), CreateMode::Persistent).await?;
                 self.ensure(&parent, CreateMode::Container).await?;
             }
-            let op = SubOp::Create {
-                path: format!("{parent}/claim-"),
+            let op = Op::Claim {
+                parent: parent.clone(),
+                lease,
                 data: value.clone(),
-                sequential: true,
-                mode: CreateMode::Ephemeral { lease },
             };
-            match self.write(WriteId::default(), op).await {
-                Ok(SubReply::Created { path, stat }) => {
+            match crate::grpc::propose(&self.proposer, WriteId::default(), op).await {
+                Ok((_, Reply::Single(SubReply::Created { path, stat }))) => {
                     return Ok(Claim {
                         key: path,
                         lease,
@@ -166,12 +170,92 @@ impl Claims {
         )))
     }
 
-    /// Returns once `claim` is first in its queue, waiting only for its predecessor.
+    /// Returns once `claim` is first in its queue. The wait runs on the leader, which applies
+    /// the predecessor's deletion first (a follower applies it a replication round later): a
+    /// follower forwards it there in slices of [`FORWARDED_WAIT_SLICE`], and waits on its own
+    /// state for the rest of a slice when the leader is unknown or cannot be reached. Either
+    /// way is correct, since every member applies the same queue; only the wake-up's delay
+    /// differs.
+    #[tracing::instrument(skip_all, fields(key = %claim.key))]
     pub async fn wait_first(
         &self,
         claim: &Claim,
         deadline: Option<Instant>,
     ) -> Result<(), EdgeError> {
+        loop {
+            let now = Instant::now();
+            let slice_end = match deadline {
+                Some(d) => d.min(now + FORWARDED_WAIT_SLICE),
+                None => now + FORWARDED_WAIT_SLICE,
+            };
+            let last_slice = deadline.is_some_and(|d| d <= slice_end);
+            let failed = match self.proposer.leader_now() {
+                LeaderNow::Here => return self.wait_here(claim, deadline).await,
+                LeaderNow::Remote(leader) => {
+                    match self.forward_wait(leader, claim, slice_end).await {
+                        Ok(WaitReply::First) => return Ok(()),
+                        Ok(WaitReply::Gone) => return Err(Self::gone(claim)),
+                        Ok(WaitReply::TimedOut) if last_slice => return Err(Self::late(claim)),
+                        Ok(WaitReply::TimedOut) => continue,
+                        Ok(WaitReply::Failed(reason)) => reason,
+                        Err(e) => e.to_string(),
+                    }
+                }
+                LeaderNow::Unknown => "no leader known".to_owned(),
+            };
+            tracing::debug!(reason = %failed, "waiting on this member for one slice");
+            match self.wait_here(claim, Some(slice_end)).await {
+                Err(EdgeError::Timeout(_)) if !last_slice => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn forward_wait(
+        &self,
+        leader: NodeId,
+        claim: &Claim,
+        until: Instant,
+    ) -> Result<WaitReply, crate::proposal::ProposeError> {
+        let left = until.saturating_duration_since(Instant::now());
+        let req = ClaimWait {
+            claim: claim.clone(),
+            timeout_ms: (left.as_millis() as u64).max(1),
+        };
+        // The leader answers at `until`; the margin only catches a leader that never does.
+        let limit = left + self.proposer.wait_limit();
+        self.proposer
+            .call_member(leader, PeerRpc::ClaimWait, &req, limit)
+            .await
+    }
+
+    /// Serves a follower's forwarded wait on this member (normally the leader).
+    #[tracing::instrument(skip_all, fields(key = %wait.claim.key))]
+    pub async fn serve_forwarded_wait(&self, wait: ClaimWait) -> WaitReply {
+        self.metrics.claim_waits_served.inc();
+        let deadline = Instant::now() + Duration::from_millis(wait.timeout_ms);
+        match self.wait_here(&wait.claim, Some(deadline)).await {
+            Ok(()) => WaitReply::First,
+            Err(EdgeError::ClaimGone { .. }) => WaitReply::Gone,
+            Err(EdgeError::Timeout(_)) => WaitReply::TimedOut,
+            Err(e) => WaitReply::Failed(e.to_string()),
+        }
+    }
+
+    fn gone(claim: &Claim) -> EdgeError {
+        EdgeError::ClaimGone {
+            key: claim.key.clone(),
+            lease: claim.lease,
+        }
+    }
+
+    fn late(claim: &Claim) -> EdgeError {
+        EdgeError::Timeout(format!("{} was not first in its queue in time", claim.key))
+    }
+
+    /// Returns once `claim` is first in this member's applied queue, waiting only for its
+    /// predecessor.
+    async fn wait_here(&self, claim: &Claim, deadline: Option<Instant>) -> Result<(), EdgeError> {
         let parent = path::parent(&claim.key).to_owned();
         let own = path::name(&claim.key).to_owned();
         // The first look needs this member to have applied our own claim: then every claim
@@ -181,61 +265,38 @@ impl Claims {
         // none is needed either: that event was applied here, after our claim.
         let mut barrier = self.state.read().state.get(&claim.key).is_none();
         loop {
-            // Subscribed before looking, so a deletion after the look is not missed.
-            let mut live = self.hub.subscribe();
             if barrier {
                 self.proposer.read_barrier().await?;
+                barrier = false;
             }
             let predecessor = {
                 let applied = self.state.read();
                 let children = applied.state.get(&parent).map(|n| &n.children);
                 let Some(children) = children.filter(|c| c.contains(&own)) else {
-                    return Err(EdgeError::ClaimGone {
-                        key: claim.key.clone(),
-                        lease: claim.lease,
-                    });
+                    return Err(Self::gone(claim));
                 };
                 match children.range::<String, _>(..&own).next_back() {
                     None => return Ok(()),
                     Some(p) => format!("{parent}/{p}"),
                 }
             };
-            loop {
-                let next = async {
-                    match deadline {
-                        Some(d) => tokio::time::timeout_at(d.into(), live.recv()).await.ok(),
-                        None => Some(live.recv().await),
-                    }
-                };
-                match next.await {
-                    None => {
-                        return Err(EdgeError::Timeout(format!(
-                            "{} was not first in its queue in time",
-                            claim.key
-                        )))
-                    }
-                    Some(Ok(rev)) => {
-                        if rev
-                            .events
-                            .iter()
-                            .any(|e| e.kind == EventKind::Deleted && e.path == predecessor)
-                        {
-                            self.metrics.claim_wakeups.inc();
-                            barrier = false;
-                            break;
-                        }
-                    }
-                    // Fell behind the broadcast: look again.
-                    Some(Err(RecvError::Lagged(_))) => {
-                        barrier = true;
-                        break;
-                    }
-                    Some(Err(RecvError::Closed)) => {
-                        return Err(EdgeError::Propose(crate::proposal::ProposeError::Stopped(
-                            "watch hub closed".into(),
-                        )))
-                    }
-                }
+            // Only the predecessor's deletion wakes this waiter: one wake-up per release.
+            let mut wait = self.hub.on_delete(&predecessor);
+            // Apply changes the state before it publishes: if the predecessor is still here
+            // after registering, its deletion cannot be missed; if not, look again.
+            if self.state.read().state.get(&predecessor).is_none() {
+                continue;
+            }
+            let woken = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), wait.woken())
+                    .await
+                    .map_err(|_| Self::late(claim))?,
+                None => wait.woken().await,
+            };
+            // A deletion event was applied here after our claim, so the next look needs no
+            // barrier; neither does a look at a newer snapshot.
+            if woken == Woken::Deleted {
+                self.metrics.claim_wakeups.inc();
             }
         }
     }

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub apply_lag: Gauge,
     pub znodes: Gauge,
     pub claim_wakeups: Counter,
+    pub claim_waits_served: Counter,
 }
 
 impl Default for Metrics {
@@ -56,6 +57,7 @@ impl Metrics {
             apply_lag: Gauge::default(),
             znodes: Gauge::default(),
             claim_wakeups: Counter::default(),
+            claim_waits_served: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -118,6 +120,11 @@ impl Metrics {
             "claim_wakeups",
             "Lock and election waiters woken by their predecessor's deletion",
             m.claim_wakeups.clone(),
+        );
+        registry.register(
+            "claim_waits_served",
+            "Lock and election waits that followers forwarded to this member",
+            m.claim_waits_served.clone(),
         );
         Metrics { registry, ..m }
     }

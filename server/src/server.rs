@@ -136,15 +136,16 @@ pub async fn run(
         config.reap_interval,
         config.event_retention,
     );
+    let claims = Claims::new(
+        proposer.clone(),
+        state.clone(),
+        hub.clone(),
+        metrics.clone(),
+    );
     let lock = LockService {
         id: config.id,
         raft: raft.clone(),
-        claims: Claims::new(
-            proposer.clone(),
-            state.clone(),
-            hub.clone(),
-            metrics.clone(),
-        ),
+        claims: claims.clone(),
         metrics: metrics.clone(),
     };
     let watch = WatchService {
@@ -183,6 +184,7 @@ pub async fn run(
         liveness: liveness.clone(),
         membership: membership.clone(),
         guard: guard.clone(),
+        claims,
     };
     let peer_server = tonic::transport::Server::builder()
         .add_service(

@@ -96,7 +96,8 @@ impl KvService {
             | Op::Compact { .. }
             | Op::LeaseRevoke { .. }
             | Op::LeaseExpire { .. }
-            | Op::Reap { .. } => {
+            | Op::Reap { .. }
+            | Op::Claim { .. } => {
                 return Err(EdgeError::InvalidArgument("not a znode operation".into()))
             }
             Op::Single(sub) => self.check_op(sub)?,

@@ -76,6 +76,14 @@ struct ReadRounds {
     waiting: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
 }
 
+/// Who leads, as this member knows it now (without waiting for an election).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderNow {
+    Here,
+    Remote(NodeId),
+    Unknown,
+}
+
 /// Forwarding hops before giving up (leadership may move while a write is in flight).
 const MAX_ATTEMPTS: usize = 3;
 
@@ -158,6 +166,31 @@ impl Proposer {
                 addr,
                 reason,
             })
+    }
+
+    /// The leader as this member's Raft knows it at this moment.
+    pub fn leader_now(&self) -> LeaderNow {
+        match self.inner.raft.metrics().borrow().current_leader {
+            Some(l) if l == self.inner.id => LeaderNow::Here,
+            Some(l) => LeaderNow::Remote(l),
+            None => LeaderNow::Unknown,
+        }
+    }
+
+    /// One peer call to `member` (the leader, as this member last knew it).
+    pub async fn call_member<Req: Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        member: NodeId,
+        rpc: PeerRpc,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ProposeError> {
+        self.call_leader(member, rpc, req, timeout).await
+    }
+
+    /// How long this member waits for a leader or for apply to catch up.
+    pub fn wait_limit(&self) -> Duration {
+        self.inner.wait
     }
 
     /// Sends a lease query to the leader's countdowns on another member.

@@ -62,6 +62,7 @@ pub enum PeerRpc {
     ReadIndex,
     Lease,
     Admin,
+    ClaimWait,
 }
 
 impl PeerChannels {
@@ -84,6 +85,7 @@ impl PeerChannels {
             PeerRpc::ReadIndex => client.read_index(request).await,
             PeerRpc::Lease => client.lease(request).await,
             PeerRpc::Admin => client.admin(request).await,
+            PeerRpc::ClaimWait => client.claim_wait(request).await,
         }
         .map_err(|s| s.message().to_owned())?;
         postcard::from_bytes(&response.into_inner().data)

@@ -1,7 +1,7 @@
 //! The peer network, server side: hands openraft's RPCs from other members to the local Raft
-//! and serves forwarded writes, read-index and membership requests for followers. Raft traffic
-//! from a member removed from the cluster is refused (the anti-rejoin guard), and so is all Raft
-//! traffic while this member joins with no data.
+//! and serves forwarded writes, read-index, membership requests and claim waits for
+//! followers. Raft traffic from a member removed from the cluster is refused (the anti-rejoin
+//! guard), and so is all Raft traffic while this member joins with no data.
 
 use kord_api::peer::peer_server::Peer;
 use kord_api::peer::Payload;
@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use super::network::TARGET_ID_HEADER;
 use super::peers::{PeerGuard, REMOVED_HEADER, SENDER_ID_HEADER};
 use super::{NodeId, Raft, TypeConfig};
+use crate::claims::{ClaimWait, Claims};
 use crate::liveness::{LeaseQuery, Liveness};
 use crate::membership::{AdminCall, Membership};
 use crate::proposal::{ForwardReply, Proposer};
@@ -26,6 +27,7 @@ pub struct PeerService {
     pub liveness: Liveness,
     pub membership: Membership,
     pub guard: std::sync::Arc<PeerGuard>,
+    pub claims: Claims,
 }
 
 impl PeerService {
@@ -142,5 +144,10 @@ impl Peer for PeerService {
     async fn admin(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let call: AdminCall = decode(req)?;
         reply(&self.membership.serve_forwarded(call).await)
+    }
+
+    async fn claim_wait(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let wait: ClaimWait = decode(req)?;
+        reply(&self.claims.serve_forwarded_wait(wait).await)
     }
 }

@@ -52,6 +52,7 @@ impl Command {
                 Op::Txn(ops) => ops.iter().map(sub).sum(),
                 Op::LeaseExpire { ids } => ids.len() * 8,
                 Op::Reap { nodes } => nodes.iter().map(|n| FIXED + n.path.len()).sum(),
+                Op::Claim { parent, data, .. } => FIXED + parent.len() + data.len(),
                 Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } | Op::Compact { .. } => 0,
             }
     }
@@ -75,6 +76,16 @@ pub enum Op {
     Reap { nodes: Vec<ReapCandidate> },
     /// Forgets the events of revisions up to `revision` (clamped below this entry's own).
     Compact { revision: u64 },
+    /// Joins a lock or election queue: creates the ephemeral sequential node
+    /// `<parent>/claim-NNNNNNNNNN` owned by `lease`, unless `lease` already owns a node under
+    /// `parent`, whose path and stat are then returned unchanged. Deciding this at apply makes
+    /// a retried or concurrent claim of one lease never queue twice, with no read barrier.
+    /// (Appended last: older log entries decode unchanged.)
+    Claim {
+        parent: String,
+        lease: u64,
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

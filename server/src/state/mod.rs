@@ -260,12 +260,52 @@ impl State {
             Op::Reap { nodes } => Ok(self.reap(revision, cmd.time_ms, nodes, &mut events)),
             // The event history lives in storage: the state machine store compacts it.
             Op::Compact { revision: upto } => Ok(Reply::Compacted { revision: *upto }),
+            Op::Claim {
+                parent,
+                lease,
+                data,
+            } => self
+                .claim(revision, cmd.time_ms, parent, *lease, data, &mut events)
+                .map(Reply::Single),
         };
         let out = ApplyOutput { revision, reply };
         if id.client_id != 0 {
             self.remember(revision, id, &out);
         }
         (out, events)
+    }
+
+    /// [`Op::Claim`]: the node `lease` already owns under `parent`, else a new sequential
+    /// ephemeral `claim-` node. Found through the lease's own node set, not the queue's.
+    fn claim(
+        &mut self,
+        revision: u64,
+        time_ms: i64,
+        parent: &str,
+        lease: u64,
+        data: &[u8],
+        events: &mut Vec<Event>,
+    ) -> Result<SubReply, ApplyError> {
+        let owned = self.leases.get(&lease).and_then(|l| {
+            l.nodes
+                .iter()
+                .find(|p| p.as_str() != "/" && path::parent(p) == parent)
+        });
+        if let Some(existing) = owned {
+            if let Some(node) = self.nodes.get(existing) {
+                return Ok(SubReply::Created {
+                    path: existing.clone(),
+                    stat: node.stat,
+                });
+            }
+        }
+        let op = SubOp::Create {
+            path: format!("{parent}/claim-"),
+            data: data.to_vec(),
+            sequential: true,
+            mode: CreateMode::Ephemeral { lease },
+        };
+        self.apply_sub(revision, time_ms, &op, events, None)
     }
 
     fn remember(&mut self, revision: u64, id: WriteId, out: &ApplyOutput) {

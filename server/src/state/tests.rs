@@ -429,3 +429,75 @@ fn ephemeral_and_sequential_combine() {
     );
     assert!(s.lease(lease).unwrap().nodes.contains(&path));
 }
+
+fn claimed(out: &ApplyOutput) -> (String, u64) {
+    match &out.reply {
+        Ok(Reply::Single(SubReply::Created { path, stat })) => (path.clone(), stat.create_revision),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn claim_queues_each_lease_once() {
+    let mut s = State::new();
+    s.apply(1, &cmd(create_mode("/q", CreateMode::Container)));
+    let a = grant_session(&mut s, 2);
+    let b = grant_session(&mut s, 3);
+    let claim = |lease| {
+        raw(Op::Claim {
+            parent: "/q".into(),
+            lease,
+            data: b"v".to_vec(),
+        })
+    };
+    let (out, events) = s.apply(4, &claim(a));
+    assert_eq!(claimed(&out), ("/q/claim-0000000000".into(), 4));
+    assert_eq!(events.len(), 2, "a new claim is a create: {events:?}");
+    let node = s.get("/q/claim-0000000000").unwrap();
+    assert_eq!(
+        (node.stat.ephemeral_owner, node.data.as_slice()),
+        (a, &b"v"[..])
+    );
+
+    let (out, _) = s.apply(5, &claim(b));
+    assert_eq!(claimed(&out), ("/q/claim-0000000001".into(), 5));
+
+    // The same lease again (a retried or concurrent Lock): its first claim, untouched.
+    let digest = s.digest();
+    let (out, events) = s.apply(6, &claim(a));
+    assert_eq!(claimed(&out), ("/q/claim-0000000000".into(), 4));
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(s.digest(), digest);
+    assert_eq!(s.get("/q").unwrap().children.len(), 2);
+
+    // After the claim goes, the lease queues again, at the back (the parent's cversion, which
+    // names sequential nodes, counted the deletion too).
+    s.apply(
+        7,
+        &cmd(SubOp::Delete {
+            path: "/q/claim-0000000000".into(),
+            expected_version: None,
+        }),
+    );
+    let (out, _) = s.apply(8, &claim(a));
+    assert_eq!(claimed(&out), ("/q/claim-0000000003".into(), 8));
+
+    // No such lease, no such queue: the create's own errors.
+    let (out, _) = s.apply(9, &claim(999));
+    assert!(
+        matches!(out.reply, Err(ApplyError::LeaseNotFound { id: 999 })),
+        "{out:?}"
+    );
+    let (out, _) = s.apply(
+        10,
+        &raw(Op::Claim {
+            parent: "/gone".into(),
+            lease: a,
+            data: Vec::new(),
+        }),
+    );
+    assert!(
+        matches!(out.reply, Err(ApplyError::NoParent { .. })),
+        "{out:?}"
+    );
+}
