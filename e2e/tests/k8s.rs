@@ -984,6 +984,79 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
     assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
     lap("pod and PVC deleted: replaced", &mut phase);
 
+    // A follower's disk wiped under its intact claim, then its pod deleted: the recreated pod
+    // starts empty, the cluster refuses it ("has lost its data", its termination message),
+    // and the operator replaces it under a new id at once, well before the 5-minute unhealthy
+    // grace. Needs the volumes' hostPath dirs on this machine (the local cluster's case).
+    if std::env::var("KORD_K8S_NODE_IS_LOCAL").as_deref() == Ok("1") {
+        let s = wait_converged(&k, ns, 5, recover);
+        let victim = s
+            .members
+            .iter()
+            .find(|m| m["pod"].as_str() != leader_pod(&s).as_deref())
+            .cloned()
+            .expect("a follower");
+        let victim_pod = victim["pod"].as_str().expect("member pod").to_owned();
+        let old_ids: BTreeSet<String> = s.members.iter().map(|m| m["id"].to_string()).collect();
+        let pv = k
+            .kubectl(&[
+                "get",
+                "pvc",
+                "-n",
+                ns,
+                &format!("data-{victim_pod}"),
+                "-o",
+                "jsonpath={.spec.volumeName}",
+            ])
+            .expect("the victim's claim");
+        let dir = k
+            .kubectl(&[
+                "get",
+                "pv",
+                pv.trim(),
+                "-o",
+                "jsonpath={.spec.hostPath.path}",
+            ])
+            .expect("its volume");
+        let wipe = || {
+            for entry in std::fs::read_dir(dir.trim())
+                .expect("the volume's dir")
+                .flatten()
+            {
+                let p = entry.path();
+                let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+            }
+        };
+        wipe();
+        delete_pod_now(&k, ns, &victim_pod);
+        // Again: the killed process may have written a file between the first wipe and its end.
+        wipe();
+        let s = k.wait(
+            "the member with a wiped disk to be replaced under a new id",
+            k.secs(240),
+            || {
+                let s = cluster_status(&k, ns)?;
+                let ids: BTreeSet<String> = s.members.iter().map(|m| m["id"].to_string()).collect();
+                if s.ready == 5
+                    && ids.len() == 5
+                    && ids.difference(&old_ids).count() == 1
+                    && !ids.contains(&victim["id"].to_string())
+                {
+                    Ok(s)
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            },
+        );
+        assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
+        lap("disk wiped under its claim: replaced", &mut phase);
+    } else {
+        println!(
+            "skipped the wiped-disk step: KORD_K8S_NODE_IS_LOCAL=1 is not set (the volumes' \
+             hostPath dirs are not on this machine)"
+        );
+    }
+
     // 5. Helm upgrade to a new image tag: rolling, leader last, at most one election. The tag
     // names the same image under a second name (scripts/k8s/e2e.sh and scripts/kind/run-e2e.sh
     // make it), since the operator rolls members when their image changes.

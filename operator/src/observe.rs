@@ -180,6 +180,12 @@ pub fn assemble(
         if ephemeral {
             m.volume = pod.metadata.deletion_timestamp.is_none();
         }
+        // The server stopped because its volume holds no data although it is a voter (the
+        // disk was wiped under an intact claim): as good as a lost volume, so it is replaced
+        // now rather than after the unhealthy grace period.
+        if stopped_with_data_lost(pod) {
+            m.volume = false;
+        }
         let (ready, since) = pod_ready(pod);
         ready_since.insert(id, (ready, since.unwrap_or(created(&pod.metadata))));
     }
@@ -264,6 +270,30 @@ fn role_name(m: &Member) -> &'static str {
     }
 }
 
+/// What `kord` writes to its termination log when it stops because a voter's data is gone
+/// (server/src/server.rs); Kubernetes keeps it as the container's termination message.
+pub const DATA_LOST_MESSAGE: &str = "has lost its data";
+
+/// Whether the pod's kord container last stopped saying its data is lost.
+fn stopped_with_data_lost(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .flat_map(|c| {
+            [c.state.as_ref(), c.last_state.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.terminated.as_ref())
+        })
+        .any(|t| {
+            t.message
+                .as_deref()
+                .is_some_and(|m| m.contains(DATA_LOST_MESSAGE))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +365,38 @@ mod tests {
         assert_eq!(ms[&7].lag, 40);
         assert_eq!(o.observed.next_id, 8, "past every id seen");
         assert_eq!(o.leader_pod.as_deref(), Some("demo-1"));
+    }
+
+    #[test]
+    fn a_member_that_stopped_with_its_data_lost_has_no_volume() {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+        };
+        let kc = cluster();
+        let names = Names::of(&kc).expect("names");
+        let mut lost: Pod = labelled(2, &[]);
+        lost.status = Some(PodStatus {
+            container_statuses: Some(vec![ContainerStatus {
+                name: "kord".into(),
+                last_state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: 1,
+                        message: Some(format!("kord: member 2 is a voter ... {DATA_LOST_MESSAGE}")),
+                        ..ContainerStateTerminated::default()
+                    }),
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            }]),
+            ..PodStatus::default()
+        });
+        let pods = vec![labelled(1, &[]), lost];
+        let volumes: Vec<PersistentVolumeClaim> = vec![labelled(1, &[]), labelled(2, &[])];
+        let o = assemble(&kc, &names, &pods, &volumes, None, None, 1_000_000);
+        assert!(o.observed.members[&1].volume);
+        assert!(
+            !o.observed.members[&2].volume,
+            "data lost under an intact claim"
+        );
     }
 }

@@ -84,6 +84,8 @@ ctr -a "$KORD_K8S_RUN/containerd/containerd.sock" -n k8s.io images tag --force \
 op="$(awk '$1 ~ /\/kord-operator:/ {print $1}' <<<"$images")"
 [[ -n "$op" ]] && export KORD_K8S_OPERATOR_IMAGE="$op"
 export KORD_K8S_POD_LOG_DIR=/var/log/pods
+# The node is this machine: the suite may touch the hostPath volumes it made (wiped-disk step).
+export KORD_K8S_NODE_IS_LOCAL=1
 rc=0
 cargo test --locked -p kord-e2e --test k8s -- --test-threads 1 --nocapture || rc=1
 phase suite

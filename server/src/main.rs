@@ -29,10 +29,18 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kord: {e:#}");
+            // Kubernetes keeps this file as the container's termination message: the reason
+            // shows in `kubectl describe pod`, and the operator acts on a lost-data stop.
+            let log = std::path::Path::new(TERMINATION_LOG);
+            if log.exists() {
+                let _ = std::fs::write(log, format!("kord: {e:#}\n"));
+            }
             std::process::ExitCode::FAILURE
         }
     }
 }
+
+const TERMINATION_LOG: &str = "/dev/termination-log";
 
 async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
