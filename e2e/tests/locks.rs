@@ -169,6 +169,13 @@ async fn locks_hand_off_in_order_with_one_wakeup_each() {
         .await
         .expect_err("bad name");
     assert_eq!(bad.code(), Code::InvalidArgument);
+    // A timeout too large for the clock means no deadline (it used to overflow the clock).
+    let forever = locks
+        .lock(lock_req("M", d, u64::MAX))
+        .await
+        .expect("a free lock with a huge timeout")
+        .into_inner();
+    assert!(forever.fencing_token > got_d.fencing_token);
 }
 
 const T: Duration = Duration::from_secs(10);
