@@ -169,9 +169,66 @@ async fn locks_hand_off_in_order_with_one_wakeup_each() {
         .await
         .expect_err("bad name");
     assert_eq!(bad.code(), Code::InvalidArgument);
+    // A timeout too large for the clock means no deadline (it used to overflow the clock).
+    let forever = locks
+        .lock(lock_req("M", d, u64::MAX))
+        .await
+        .expect("a free lock with a huge timeout")
+        .into_inner();
+    assert!(forever.fencing_token > got_d.fencing_token);
 }
 
 const T: Duration = Duration::from_secs(10);
+
+/// Concurrent `Lock` calls of one lease, sent to different members, queue once: both get the
+/// same claim (apply decides, so there is no window between a look and a create).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_locks_of_one_lease_share_one_claim() {
+    let c = Cluster::start(3, ClusterOpts::default()).await;
+    let leader = c.leader().await;
+    let (a, b) = (lease(&c, leader).await, lease(&c, leader).await);
+    let held = LockClient::new(c.channel(leader))
+        .lock(lock_req("C", a, 0))
+        .await
+        .expect("a locks")
+        .into_inner();
+    let waits: Vec<_> = c
+        .ids()
+        .into_iter()
+        .map(|id| {
+            let mut locks = LockClient::new(c.channel(id));
+            tokio::spawn(async move { locks.lock(lock_req("C", b, 0)).await })
+        })
+        .collect();
+    wait_until("b's claim queued", T, || async {
+        match queue_len(&c, leader, "C").await {
+            2 => Ok(()),
+            n => Err(format!("{n} claims")),
+        }
+    })
+    .await;
+    LockClient::new(c.channel(leader))
+        .unlock(UnlockRequest {
+            key: held.key.clone(),
+            lease_id: a,
+        })
+        .await
+        .expect("a unlocks");
+    let mut keys = Vec::new();
+    for w in waits {
+        let got = tokio::time::timeout(T, w)
+            .await
+            .expect("b in time")
+            .expect("join")
+            .expect("b locks")
+            .into_inner();
+        assert!(got.fencing_token > held.fencing_token);
+        keys.push(got.key);
+    }
+    keys.dedup();
+    assert_eq!(keys.len(), 1, "one lease queued more than once: {keys:?}");
+    assert_eq!(queue_len(&c, leader, "C").await, 1);
+}
 
 /// A waiter whose client talks to a follower waits on the leader (the follower forwards the
 /// wait), so the leader's wake-up hands the lock on. When the leader is killed mid-wait, the

@@ -3,7 +3,8 @@
 //! parent (reaped once its last claim goes). The first claim holds the lock or leads; every
 //! other claim waits only for the deletion of the one just before it, then looks again, since
 //! its predecessor may have left because its session expired rather than because it held
-//! and released. Fencing tokens are the claims' create revisions: they only grow.
+//! and released. Fencing tokens are the claims' create revisions: they only grow. Waits run
+//! on the leader, which applies a release first: a follower forwards them there.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -233,8 +234,9 @@ impl Claims {
     #[tracing::instrument(skip_all, fields(key = %wait.claim.key))]
     pub async fn serve_forwarded_wait(&self, wait: ClaimWait) -> WaitReply {
         self.metrics.claim_waits_served.inc();
-        let deadline = Instant::now() + Duration::from_millis(wait.timeout_ms);
-        match self.wait_here(&wait.claim, Some(deadline)).await {
+        // The follower sends at most one slice; an absurd value just means no deadline.
+        let deadline = Instant::now().checked_add(Duration::from_millis(wait.timeout_ms));
+        match self.wait_here(&wait.claim, deadline).await {
             Ok(()) => WaitReply::First,
             Err(EdgeError::ClaimGone { .. }) => WaitReply::Gone,
             Err(EdgeError::Timeout(_)) => WaitReply::TimedOut,

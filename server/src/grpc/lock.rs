@@ -25,8 +25,11 @@ pub struct LockService {
     pub metrics: Arc<Metrics>,
 }
 
+/// No deadline for 0, and for a timeout too large to add to the clock (effectively forever).
 fn deadline(timeout_ms: u64) -> Option<Instant> {
-    (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms))
+    (timeout_ms > 0)
+        .then(|| Instant::now().checked_add(Duration::from_millis(timeout_ms)))
+        .flatten()
 }
 
 impl LockService {
