@@ -202,11 +202,9 @@ impl K8s {
     }
 
     /// The pod's log (one container), from the kubelet or from the node's log directory.
-    pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> Result<String, String> {
-        let Some(dir) = &self.pod_log_dir else {
-            return self.kubectl(&["logs", "-n", ns, pod, "-c", container]);
-        };
-        let uid = self.kubectl(&[
+    /// The pod's UID (it changes when a pod of the same name is recreated).
+    pub fn pod_uid(&self, ns: &str, pod: &str) -> Result<String, String> {
+        self.kubectl(&[
             "get",
             "pod",
             "-n",
@@ -214,7 +212,15 @@ impl K8s {
             pod,
             "-o",
             "jsonpath={.metadata.uid}",
-        ])?;
+        ])
+        .map(|u| u.trim().to_owned())
+    }
+
+    pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> Result<String, String> {
+        let Some(dir) = &self.pod_log_dir else {
+            return self.kubectl(&["logs", "-n", ns, pod, "-c", container]);
+        };
+        let uid = self.pod_uid(ns, pod)?;
         let cdir = dir
             .join(format!("{ns}_{pod}_{}", uid.trim()))
             .join(container);

@@ -509,17 +509,32 @@ fn delete_pod_now(k: &K8s, ns: &str, pod: &str) {
 }
 
 fn pod_uid(k: &K8s, ns: &str, pod: &str) -> String {
-    k.kubectl(&[
-        "get",
-        "pod",
-        "-n",
-        ns,
-        pod,
-        "-o",
-        "jsonpath={.metadata.uid}",
-    ])
-    .map(|u| u.trim().to_owned())
-    .unwrap_or_default()
+    k.pod_uid(ns, pod).unwrap_or_default()
+}
+
+/// Waits until the member `victim` (a status entry) is gone and one member with an id not in
+/// `old_ids` makes the cluster whole again (5 ready members).
+fn wait_replaced(
+    k: &K8s,
+    ns: &str,
+    what: &str,
+    timeout: Duration,
+    old_ids: &BTreeSet<String>,
+    victim: &Value,
+) -> ClusterStatus {
+    k.wait(what, timeout, || {
+        let s = cluster_status(k, ns)?;
+        let ids: BTreeSet<String> = s.members.iter().map(|m| m["id"].to_string()).collect();
+        if s.ready == 5
+            && ids.len() == 5
+            && ids.difference(old_ids).count() == 1
+            && !ids.contains(&victim["id"].to_string())
+        {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
 }
 
 /// Deletes member pods at once and waits until the operator has recreated every one under its
@@ -963,23 +978,13 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         let _ = k.kubectl(&["delete", "pvc", "-n", ns, pvc, "--wait=false"]);
     }
     delete_pod_now(&k, ns, &victim_pod);
-    let s = k.wait(
+    let s = wait_replaced(
+        &k,
+        ns,
         "the lost member to be replaced under a new id",
         k.secs(600),
-        || {
-            let s = cluster_status(&k, ns)?;
-            let ids: BTreeSet<String> = s.members.iter().map(|m| m["id"].to_string()).collect();
-            let new_ids = ids.difference(&old_ids).count();
-            if s.ready == 5
-                && ids.len() == 5
-                && new_ids == 1
-                && !ids.contains(&victim["id"].to_string())
-            {
-                Ok(s)
-            } else {
-                Err(format!("{s:?}"))
-            }
-        },
+        &old_ids,
+        &victim,
     );
     assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
     lap("pod and PVC deleted: replaced", &mut phase);
@@ -1031,22 +1036,13 @@ fn operator_install_scale_chaos_upgrade_uninstall() {
         delete_pod_now(&k, ns, &victim_pod);
         // Again: the killed process may have written a file between the first wipe and its end.
         wipe();
-        let s = k.wait(
+        let s = wait_replaced(
+            &k,
+            ns,
             "the member with a wiped disk to be replaced under a new id",
             k.secs(240),
-            || {
-                let s = cluster_status(&k, ns)?;
-                let ids: BTreeSet<String> = s.members.iter().map(|m| m["id"].to_string()).collect();
-                if s.ready == 5
-                    && ids.len() == 5
-                    && ids.difference(&old_ids).count() == 1
-                    && !ids.contains(&victim["id"].to_string())
-                {
-                    Ok(s)
-                } else {
-                    Err(format!("{s:?}"))
-                }
-            },
+            &old_ids,
+            &victim,
         );
         assert_acked_everywhere(&k, ns, &member_endpoints(&k, ns, &s), 2);
         lap("disk wiped under its claim: replaced", &mut phase);

@@ -55,6 +55,44 @@ async fn wakeups(c: &Cluster, id: u64) -> u64 {
 }
 
 /// Waits forwarded to member `id` by followers.
+/// Starts a blocking `Lock("F")` of `lease` through member `via` and waits until `leader`
+/// counts it as a wait it serves; returns the pending call.
+async fn forwarded_wait(
+    c: &Cluster,
+    via: u64,
+    leader: u64,
+    lease: u64,
+    what: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<kord_e2e::v1::LockResponse>, tonic::Status>> {
+    let before = served(c, leader).await;
+    let mut client = LockClient::new(c.channel(via));
+    let wait = tokio::spawn(async move { client.lock(lock_req("F", lease, 0)).await });
+    wait_until(what, T, || async {
+        if served(c, leader).await > before {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    wait
+}
+
+/// The answer of a pending `Lock` call, which must come within `T`.
+async fn granted(
+    wait: tokio::task::JoinHandle<
+        Result<tonic::Response<kord_e2e::v1::LockResponse>, tonic::Status>,
+    >,
+    what: &str,
+) -> kord_e2e::v1::LockResponse {
+    tokio::time::timeout(T, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not in time"))
+        .expect("join")
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .into_inner()
+}
+
 async fn served(c: &Cluster, id: u64) -> u64 {
     counter(c, id, "kord_claim_waits_served_total").await
 }
@@ -148,12 +186,7 @@ async fn locks_hand_off_in_order_with_one_wakeup_each() {
         })
         .await
         .expect("revoke b");
-    let got_d = tokio::time::timeout(T, wait_d)
-        .await
-        .expect("d in time")
-        .expect("join")
-        .expect("d locks")
-        .into_inner();
+    let got_d = granted(wait_d, "d locks").await;
     assert!(got_d.fencing_token > got_b.fencing_token);
     assert_eq!(wakeups(&c, 1).await - before, 2);
     let gone = locks
@@ -272,17 +305,7 @@ async fn follower_waits_run_on_the_leader_and_survive_its_death() {
     .await;
 
     // B waits through follower f1; the wait reaches the leader, then the leader dies.
-    let before = served(&c, leader).await;
-    let mut lb = LockClient::new(c.channel(f1));
-    let wait_b = tokio::spawn(async move { lb.lock(lock_req("F", b, 0)).await });
-    wait_until("b's wait forwarded to the leader", T, || async {
-        if served(&c, leader).await > before {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    })
-    .await;
+    let wait_b = forwarded_wait(&c, f1, leader, b, "b's wait forwarded to the leader").await;
     assert_eq!(queue_len(&c, f1, "F").await, 2);
     c.kill(leader);
     let new_leader = c.wait_for_leader(Duration::from_secs(20)).await;
@@ -302,26 +325,18 @@ async fn follower_waits_run_on_the_leader_and_survive_its_death() {
         }
     })
     .await;
-    let got_b = tokio::time::timeout(T, wait_b)
-        .await
-        .expect("b in time")
-        .expect("join")
-        .expect("b locks after the failover")
-        .into_inner();
+    let got_b = granted(wait_b, "b locks after the failover").await;
     assert!(got_b.fencing_token > held.fencing_token);
 
     // The remaining follower forwards to the new leader.
     let follower = if new_leader == f1 { f2 } else { f1 };
-    let before = served(&c, new_leader).await;
-    let mut ld = LockClient::new(c.channel(follower));
-    let wait_d = tokio::spawn(async move { ld.lock(lock_req("F", d, 0)).await });
-    wait_until("d's wait forwarded to the new leader", T, || async {
-        if served(&c, new_leader).await > before {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    })
+    let wait_d = forwarded_wait(
+        &c,
+        follower,
+        new_leader,
+        d,
+        "d's wait forwarded to the new leader",
+    )
     .await;
     assert!(!wait_d.is_finished(), "d got the lock while b held it");
     let wakeups_before = wakeups(&c, new_leader).await;
@@ -332,12 +347,7 @@ async fn follower_waits_run_on_the_leader_and_survive_its_death() {
         })
         .await
         .expect("b unlocks");
-    let got_d = tokio::time::timeout(T, wait_d)
-        .await
-        .expect("d in time")
-        .expect("join")
-        .expect("d locks")
-        .into_inner();
+    let got_d = granted(wait_d, "d locks").await;
     assert!(got_d.fencing_token > got_b.fencing_token);
     assert_eq!(
         wakeups(&c, new_leader).await - wakeups_before,
