@@ -377,6 +377,20 @@ impl Cluster {
         format!("http://{}", self.client_addr(id))
     }
 
+    /// Runs `kordctl --endpoints <every member> ARGS`, bounded by `timeout`.
+    pub async fn kordctl(&self, args: &[&str], timeout: Duration) -> std::process::Output {
+        let mut cmd = tokio::process::Command::new(crate::bins::kordctl_bin());
+        cmd.arg("--endpoints")
+            .arg(self.endpoints_csv())
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        tokio::time::timeout(timeout, cmd.output())
+            .await
+            .unwrap_or_else(|_| panic!("kordctl {args:?} did not finish within {timeout:?}"))
+            .unwrap_or_else(|e| panic!("run kordctl {args:?}: {e}"))
+    }
+
     /// Every member's client address as `host:port`, comma separated (for `kordctl --endpoints`).
     pub fn endpoints_csv(&self) -> String {
         self.ids()

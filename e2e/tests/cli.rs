@@ -8,16 +8,7 @@ use kord_e2e::*;
 use serde_json::Value;
 
 async fn kordctl(c: &Cluster, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(kordctl_bin());
-    cmd.arg("--endpoints")
-        .arg(c.endpoints_csv())
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("kordctl {args:?} did not finish within 30 s"))
-        .unwrap_or_else(|e| panic!("run kordctl {args:?}: {e}"))
+    c.kordctl(args, Duration::from_secs(30)).await
 }
 
 fn show(args: &[&str], out: &Output) -> String {

@@ -3,7 +3,7 @@
 //! reused, removed members stopped), observers, leadership transfer and `kordctl member`.
 
 use std::collections::BTreeMap;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -214,35 +214,30 @@ async fn removal_keeps_serving_keeps_a_majority_and_never_reuses_the_id() {
     assert_refused(err, Code::AlreadyExists, "never reused");
 
     // Restarted on its old data, the removed member is refused and stops again.
-    c.respawn(gone);
-    let status = c.wait_exit(gone, WAIT).await;
-    assert!(
-        !status.success(),
-        "restarted removed member exited with {status}"
-    );
-    let log = c.log_tail(gone, 400);
-    let restart = log.rsplit("==== e2e: start #2").next().unwrap_or("");
-    assert!(
-        restart.contains("removed from the cluster"),
-        "second run of member {gone} did not log why it stopped:\n{restart}"
-    );
+    respawn_refused(&mut c, gone, 2, "restarted removed member").await;
 
     // Wiped and started again under its old id, it is still refused: ids are never reused.
     std::fs::remove_dir_all(c.data_dir(gone)).expect("wipe the removed member's data");
-    c.respawn(gone);
-    let status = c.wait_exit(gone, WAIT).await;
-    assert!(
-        !status.success(),
-        "wiped removed member exited with {status}"
-    );
-    let log = c.log_tail(gone, 400);
-    let third = log.rsplit("==== e2e: start #3").next().unwrap_or("");
-    assert!(
-        third.contains("removed from the cluster"),
-        "third run of member {gone} did not log why it stopped:\n{third}"
-    );
+    respawn_refused(&mut c, gone, 3, "wiped removed member").await;
     let list = admin.member_list().await.expect("list");
     assert_eq!(list.members.len(), 2, "{:?}", roles(&list));
+}
+
+/// Starts removed member `id` again (its `start`-th run) and checks that it stops, non-zero,
+/// saying in that run's log that it was removed from the cluster.
+async fn respawn_refused(c: &mut Cluster, id: u64, start: u32, what: &str) {
+    c.respawn(id);
+    let status = c.wait_exit(id, WAIT).await;
+    assert!(!status.success(), "{what} exited with {status}");
+    let log = c.log_tail(id, 400);
+    let run = log
+        .rsplit(&format!("==== e2e: start #{start}"))
+        .next()
+        .unwrap_or("");
+    assert!(
+        run.contains("removed from the cluster"),
+        "run {start} of member {id} did not log why it stopped:\n{run}"
+    );
 }
 
 /// A voter whose disk was wiped and that comes back under its old id with `--join` (as an
@@ -565,16 +560,7 @@ async fn transfer_leader_moves_leadership_to_the_chosen_voter() {
 }
 
 async fn kordctl(c: &Cluster, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(kordctl_bin());
-    cmd.arg("--endpoints")
-        .arg(c.endpoints_csv())
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("kordctl {args:?} did not finish within 60 s"))
-        .unwrap_or_else(|e| panic!("run kordctl {args:?}: {e}"))
+    c.kordctl(args, Duration::from_secs(60)).await
 }
 
 fn stdout_of(args: &[&str], out: &Output) -> String {

@@ -337,7 +337,10 @@ async fn join(endpoint: String, request: AddMemberRequest, raft: Raft, guard: Ar
 }
 
 /// One join request, retried (bounded) until answered. True once the cluster has added it.
-/// `raft`: stop early once this member sees itself as a voter (a reply lost after promotion).
+/// `raft` is `None` for the first, learner request: this member takes no Raft traffic yet, so
+/// it asks the cluster's member list whether it is already listed. For the promotion request
+/// it is this member's Raft, to stop early once it sees itself a voter (a reply lost after
+/// promotion).
 async fn ask_to_join(
     endpoint: &str,
     request: &AddMemberRequest,

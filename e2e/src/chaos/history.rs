@@ -29,6 +29,29 @@ pub struct Entry {
     pub local: bool,
 }
 
+#[cfg(test)]
+impl Entry {
+    /// An entry of worker 0, group 0, without a revision (for the checkers' unit tests).
+    pub(crate) fn for_test(
+        input: Input,
+        output: Output,
+        invoke: Nanos,
+        complete: Option<Nanos>,
+        local: bool,
+    ) -> Entry {
+        Entry {
+            worker: 0,
+            group: 0,
+            input,
+            output,
+            invoke,
+            complete,
+            revision: None,
+            local,
+        }
+    }
+}
+
 impl Entry {
     /// `[worker w] 12.345s..12.350s g3 Input -> Output`
     pub fn describe(&self) -> String {

@@ -352,16 +352,7 @@ mod tests {
     use crate::chaos::model::{Node, Refusal, WriteOp};
 
     fn op(invoke: u64, complete: Option<u64>, input: Input, output: Output) -> Entry {
-        Entry {
-            worker: 0,
-            group: 0,
-            input,
-            output,
-            invoke,
-            complete,
-            revision: None,
-            local: false,
-        }
+        Entry::for_test(input, output, invoke, complete, false)
     }
 
     fn set(key: usize, value: u64) -> Input {

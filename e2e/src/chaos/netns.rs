@@ -160,20 +160,25 @@ impl Network {
             if self.cuts.contains(&(from, to)) {
                 continue;
             }
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.netns(from),
-                "ip",
-                "route",
-                "add",
-                "blackhole",
-                &format!("{}/32", self.ip(to)),
-            ])?;
+            self.blackhole("add", from, to)?;
             self.cuts.push((from, to));
         }
         Ok(())
+    }
+
+    /// `ip route add|del blackhole <to>` inside `from`'s namespace: `from` cannot reach `to`.
+    fn blackhole(&self, verb: &str, from: usize, to: usize) -> Result<(), NetError> {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.netns(from),
+            "ip",
+            "route",
+            verb,
+            "blackhole",
+            &format!("{}/32", self.ip(to)),
+        ])
     }
 
     /// Cuts every link between the two sides.
@@ -212,17 +217,7 @@ impl Network {
     pub fn heal(&mut self) -> Result<(), NetError> {
         let mut first_err = None;
         for (from, to) in std::mem::take(&mut self.cuts) {
-            let r = run(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.netns(from),
-                "ip",
-                "route",
-                "del",
-                "blackhole",
-                &format!("{}/32", self.ip(to)),
-            ]);
+            let r = self.blackhole("del", from, to);
             first_err = first_err.or(r.err());
         }
         for s in std::mem::take(&mut self.slowed) {

@@ -168,8 +168,15 @@ pub async fn run_worker(
                     Input::Read { key }
                 } else {
                     let member = rng.random_range(0..locals.len());
-                    let entry =
-                        local_read(&locals[member], &recorder, cfg.worker, group, key).await;
+                    let entry = read_with(
+                        &locals[member],
+                        &recorder,
+                        cfg.worker,
+                        group,
+                        key,
+                        Consistency::Local,
+                    )
+                    .await;
                     count(&mut stats, entry.as_ref());
                     if let Some(e) = entry {
                         recorder.record(e);
@@ -179,7 +186,17 @@ pub async fn run_worker(
             }
         };
         let entry = match &input {
-            Input::Read { key } => read(&client, &recorder, cfg.worker, group, *key).await,
+            Input::Read { key } => {
+                read_with(
+                    &client,
+                    &recorder,
+                    cfg.worker,
+                    group,
+                    *key,
+                    Consistency::Linearizable,
+                )
+                .await
+            }
             Input::Write(ops) => Some(write(&client, &recorder, cfg.worker, group, ops).await),
         };
         count(&mut stats, entry.as_ref());
@@ -221,26 +238,6 @@ fn learn(known: &mut HashMap<(usize, usize), Option<i32>>, group: usize, e: &Ent
         }
         _ => {}
     }
-}
-
-async fn read(
-    client: &Client,
-    rec: &Recorder,
-    worker: usize,
-    group: usize,
-    key: usize,
-) -> Option<Entry> {
-    read_with(client, rec, worker, group, key, Consistency::Linearizable).await
-}
-
-async fn local_read(
-    client: &Client,
-    rec: &Recorder,
-    worker: usize,
-    group: usize,
-    key: usize,
-) -> Option<Entry> {
-    read_with(client, rec, worker, group, key, Consistency::Local).await
 }
 
 /// A read, or `None` when it failed (a failed read has no effect to record).
@@ -400,7 +397,7 @@ pub async fn final_reads(
             let mut entry = None;
             // Bounded retries: the cluster is healed, but a read may still meet an election.
             for _ in 0..10 {
-                entry = read(client, rec, usize::MAX, g, k).await;
+                entry = read_with(client, rec, usize::MAX, g, k, Consistency::Linearizable).await;
                 if entry.is_some() {
                     break;
                 }
@@ -513,16 +510,7 @@ mod tests {
         complete: Option<u64>,
         local: bool,
     ) -> Entry {
-        Entry {
-            worker: 0,
-            group: 0,
-            input,
-            output,
-            invoke,
-            complete,
-            revision: None,
-            local,
-        }
+        Entry::for_test(input, output, invoke, complete, local)
     }
 
     #[test]
