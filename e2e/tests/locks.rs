@@ -54,16 +54,9 @@ async fn wakeups(c: &Cluster, id: u64) -> u64 {
     counter(c, id, "kord_claim_wakeups_total").await
 }
 
-/// Waits forwarded to member `id` by followers.
 /// Starts a blocking `Lock("F")` of `lease` through member `via` and waits until `leader`
 /// counts it as a wait it serves; returns the pending call.
-async fn forwarded_wait(
-    c: &Cluster,
-    via: u64,
-    leader: u64,
-    lease: u64,
-    what: &str,
-) -> tokio::task::JoinHandle<Result<tonic::Response<kord_e2e::v1::LockResponse>, tonic::Status>> {
+async fn forwarded_wait(c: &Cluster, via: u64, leader: u64, lease: u64, what: &str) -> PendingLock {
     let before = served(c, leader).await;
     let mut client = LockClient::new(c.channel(via));
     let wait = tokio::spawn(async move { client.lock(lock_req("F", lease, 0)).await });
@@ -78,13 +71,20 @@ async fn forwarded_wait(
     wait
 }
 
+/// A `Lock` call running in its own task.
+type PendingLock =
+    tokio::task::JoinHandle<Result<tonic::Response<kord_e2e::v1::LockResponse>, tonic::Status>>;
+
+/// Fails, showing its answer, if a `Lock` call that must still be waiting has returned.
+async fn assert_waiting(wait: &mut PendingLock, what: &str) {
+    if wait.is_finished() {
+        let answer = wait.await.expect("join");
+        panic!("{what}: {answer:?}");
+    }
+}
+
 /// The answer of a pending `Lock` call, which must come within `T`.
-async fn granted(
-    wait: tokio::task::JoinHandle<
-        Result<tonic::Response<kord_e2e::v1::LockResponse>, tonic::Status>,
-    >,
-    what: &str,
-) -> kord_e2e::v1::LockResponse {
+async fn granted(wait: PendingLock, what: &str) -> kord_e2e::v1::LockResponse {
     tokio::time::timeout(T, wait)
         .await
         .unwrap_or_else(|_| panic!("{what}: not in time"))
@@ -93,6 +93,7 @@ async fn granted(
         .into_inner()
 }
 
+/// Waits forwarded to member `id` by followers.
 async fn served(c: &Cluster, id: u64) -> u64 {
     counter(c, id, "kord_claim_waits_served_total").await
 }
@@ -143,7 +144,7 @@ async fn locks_hand_off_in_order_with_one_wakeup_each() {
     })
     .await;
     let mut ld = LockClient::new(ch.clone());
-    let wait_d = tokio::spawn(async move { ld.lock(lock_req("L", d, 0)).await });
+    let mut wait_d = tokio::spawn(async move { ld.lock(lock_req("L", d, 0)).await });
     wait_until("d queued", T, || async {
         if queue_len(&c, 1, "L").await == 3 {
             Ok(())
@@ -171,7 +172,7 @@ async fn locks_hand_off_in_order_with_one_wakeup_each() {
         .expect("a unlocks");
     let got_b = wait_b.await.expect("join").expect("b locks").into_inner();
     assert!(got_b.fencing_token > held.fencing_token);
-    assert!(!wait_d.is_finished(), "d got the lock while b held it");
+    assert_waiting(&mut wait_d, "d returned while b held the lock").await;
     assert_eq!(
         wakeups(&c, 1).await - before,
         1,
@@ -305,11 +306,11 @@ async fn follower_waits_run_on_the_leader_and_survive_its_death() {
     .await;
 
     // B waits through follower f1; the wait reaches the leader, then the leader dies.
-    let wait_b = forwarded_wait(&c, f1, leader, b, "b's wait forwarded to the leader").await;
+    let mut wait_b = forwarded_wait(&c, f1, leader, b, "b's wait forwarded to the leader").await;
     assert_eq!(queue_len(&c, f1, "F").await, 2);
     c.kill(leader);
     let new_leader = c.wait_for_leader(Duration::from_secs(20)).await;
-    assert!(!wait_b.is_finished(), "b got the lock while a held it");
+    assert_waiting(&mut wait_b, "b returned while a held the lock").await;
 
     // A releases through f2 (retried while the cluster settles); B gets the lock next.
     wait_until("a unlocks", T, || {
@@ -330,7 +331,7 @@ async fn follower_waits_run_on_the_leader_and_survive_its_death() {
 
     // The remaining follower forwards to the new leader.
     let follower = if new_leader == f1 { f2 } else { f1 };
-    let wait_d = forwarded_wait(
+    let mut wait_d = forwarded_wait(
         &c,
         follower,
         new_leader,
@@ -338,7 +339,7 @@ async fn follower_waits_run_on_the_leader_and_survive_its_death() {
         "d's wait forwarded to the new leader",
     )
     .await;
-    assert!(!wait_d.is_finished(), "d got the lock while b held it");
+    assert_waiting(&mut wait_d, "d returned while b held the lock").await;
     let wakeups_before = wakeups(&c, new_leader).await;
     LockClient::new(c.channel(new_leader))
         .unlock(UnlockRequest {

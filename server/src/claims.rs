@@ -70,6 +70,10 @@ pub enum WaitReply {
 /// leader the follower can no longer reach, is noticed within about this long.
 const FORWARDED_WAIT_SLICE: Duration = Duration::from_secs(5);
 
+/// How long a wait pauses before looking again after a transient failure (no leader, no
+/// quorum), so that an election is not met with a busy loop.
+const TRANSIENT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 #[derive(Clone)]
 pub struct Claims {
     proposer: Proposer,
@@ -176,7 +180,8 @@ impl Claims {
     /// follower forwards it there in slices of [`FORWARDED_WAIT_SLICE`], and waits on its own
     /// state for the rest of a slice when the leader is unknown or cannot be reached. Either
     /// way is correct, since every member applies the same queue; only the wake-up's delay
-    /// differs.
+    /// differs. While the cluster elects a leader this member may not be able to confirm its
+    /// state either: the claim is still queued, so the wait goes on until its deadline.
     #[tracing::instrument(skip_all, fields(key = %claim.key))]
     pub async fn wait_first(
         &self,
@@ -185,18 +190,19 @@ impl Claims {
     ) -> Result<(), EdgeError> {
         loop {
             let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return Err(Self::late(claim));
+            }
             let slice_end = match deadline {
                 Some(d) => d.min(now + FORWARDED_WAIT_SLICE),
                 None => now + FORWARDED_WAIT_SLICE,
             };
-            let last_slice = deadline.is_some_and(|d| d <= slice_end);
             let failed = match self.proposer.leader_now() {
                 LeaderNow::Here => return self.wait_here(claim, deadline).await,
                 LeaderNow::Remote(leader) => {
                     match self.forward_wait(leader, claim, slice_end).await {
                         Ok(WaitReply::First) => return Ok(()),
                         Ok(WaitReply::Gone) => return Err(Self::gone(claim)),
-                        Ok(WaitReply::TimedOut) if last_slice => return Err(Self::late(claim)),
                         Ok(WaitReply::TimedOut) => continue,
                         Ok(WaitReply::Failed(reason)) => reason,
                         Err(e) => e.to_string(),
@@ -206,7 +212,12 @@ impl Claims {
             };
             tracing::debug!(reason = %failed, "waiting on this member for one slice");
             match self.wait_here(claim, Some(slice_end)).await {
-                Err(EdgeError::Timeout(_)) if !last_slice => continue,
+                Err(EdgeError::Timeout(_)) => continue,
+                Err(EdgeError::Propose(e)) if e.is_transient() => {
+                    tracing::debug!(error = %e, "this member cannot confirm its state yet");
+                    let pause = Instant::now() + TRANSIENT_ERROR_PAUSE;
+                    tokio::time::sleep_until(pause.min(slice_end).into()).await;
+                }
                 other => return other,
             }
         }

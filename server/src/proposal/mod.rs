@@ -46,6 +46,13 @@ pub enum ProposeError {
     ApplyTimeout(Duration),
 }
 
+impl ProposeError {
+    /// Whether the same call may succeed later, once a leader is elected or reachable.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, ProposeError::Stopped(_))
+    }
+}
+
 /// What the leader returns for a forwarded write.
 pub type ForwardReply = Result<ApplyOutput, ProposeError>;
 
