@@ -13,6 +13,7 @@ use kord_api::v1::{
     GetRequest, LeaseGrantRequest, LeaseRevokeRequest, SetRequest, Stat, StatusRequest,
     StatusResponse, TxnRequest, WriteId,
 };
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -116,6 +117,7 @@ impl ClientBuilder {
             connect_timeout: self.connect_timeout,
             max_retries: self.max_retries,
             retry_budget: self.retry_budget,
+            watches: std::sync::Mutex::default(),
         });
         if inner.endpoints.len() > 1 {
             inner.discover().await;
@@ -156,6 +158,12 @@ pub(crate) struct Inner {
     connect_timeout: Duration,
     pub(crate) max_retries: Option<u32>,
     pub(crate) retry_budget: Duration,
+    /// The task that owns this client's watch stream (started by the first watch), and the
+    /// last key given to a watch.
+    watches: std::sync::Mutex<(
+        Option<mpsc::UnboundedSender<crate::watch_mux::Command>>,
+        u64,
+    )>,
 }
 
 /// What a call is, which decides where it goes and which failures may be retried.
@@ -647,6 +655,23 @@ impl Inner {
                 humantime::format_duration(self.request_timeout)
             ))),
         }
+    }
+
+    /// The channel to this client's watch task, started if it is not running (first watch,
+    /// or its runtime has gone), and a new key for a watch.
+    pub(crate) fn watch_mux(
+        self: &Arc<Self>,
+    ) -> (mpsc::UnboundedSender<crate::watch_mux::Command>, u64) {
+        let mut watches = self.watches.lock().expect("watch task lock poisoned");
+        let (mux, last_key) = &mut *watches;
+        let tx = match mux {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => mux
+                .insert(crate::watch_mux::spawn(Arc::downgrade(self)))
+                .clone(),
+        };
+        *last_key += 1;
+        (tx, *last_key)
     }
 
     pub(crate) fn pick(&self, prefer_leader: bool) -> usize {

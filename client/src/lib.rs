@@ -67,6 +67,7 @@ mod ops;
 mod recipes;
 mod session;
 mod watch;
+mod watch_mux;
 mod write_id;
 
 pub use client::{Client, ClientBuilder};

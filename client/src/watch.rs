@@ -13,25 +13,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use kord_api::v1::kv_client::KvClient;
-use kord_api::v1::watch_client::WatchClient;
 use kord_api::v1::{
-    self as pb, watch_request, ChildrenRequest, Consistency, EventType, ExistsRequest, GetRequest,
-    Stat, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse, WatchScope,
+    self as pb, ChildrenRequest, Consistency, EventType, ExistsRequest, GetRequest, Stat,
+    WatchCreateRequest, WatchResponse, WatchScope,
 };
-use tokio::sync::{mpsc, oneshot, Notify};
-use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
-use tonic::{Code, Request, Streaming};
+use tonic::Code;
 
 use crate::client::Inner;
+use crate::watch_mux::{Command, NewWatch};
 use crate::{Client, Error};
 
-const BACKOFF_START: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
-/// Messages decoded ahead of a consumer that is not reading. Beyond this the task stops
-/// reading the gRPC stream, and a server whose buffer fills cancels the watch as a slow
-/// consumer; the task then resumes it once the consumer catches up.
+pub(crate) const BACKOFF_START: Duration = Duration::from_millis(20);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Messages decoded ahead of a consumer that is not reading. Beyond this the client cancels
+/// the watch on the server (the other watches of the client's stream go on) and creates it
+/// again, from the revision after the last one taken, once the consumer catches up.
 const CHANNEL_CAPACITY: usize = 64;
 
 /// What to watch. The default watches the node itself, every event type, from now on.
@@ -265,9 +263,12 @@ impl Tracker {
 #[derive(Debug)]
 pub struct WatchStream {
     rx: mpsc::Receiver<Result<WatchEvent, Error>>,
-    progress: Arc<Notify>,
+    /// This watch's key in the client's stream task.
+    key: u64,
+    mux: mpsc::UnboundedSender<Command>,
+    /// Keeps the client's channels (and so its stream task) alive as long as the watch.
+    _client: Arc<Inner>,
     last: Option<u64>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl WatchStream {
@@ -278,9 +279,10 @@ impl WatchStream {
         item
     }
 
-    /// Asks the server for a [`WatchEvent::Progress`].
+    /// Asks the server for a [`WatchEvent::Progress`]. The client's other watches, which
+    /// share its gRPC stream, get one too.
     pub fn request_progress(&self) {
-        self.progress.notify_one();
+        let _ = self.mux.send(Command::Progress);
     }
 
     /// The revision of the last item yielded (events or progress).
@@ -307,7 +309,7 @@ impl Stream for WatchStream {
 
 impl Drop for WatchStream {
     fn drop(&mut self) {
-        self.task.abort();
+        let _ = self.mux.send(Command::Remove { key: self.key });
     }
 }
 
@@ -441,9 +443,7 @@ impl Client {
         let start = options.start_revision.filter(|&r| r != 0);
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let progress = Arc::new(Notify::new());
-        let watcher = Watcher {
-            inner: Arc::clone(&self.inner),
+        let watch = NewWatch {
             tracker: Tracker::new(path, start, one_shot),
             request: WatchCreateRequest {
                 path: path.to_owned(),
@@ -452,19 +452,24 @@ impl Client {
                 start_revision: 0,
                 one_shot,
                 prev_value: options.prev_value,
-                watch_id: 1,
+                watch_id: 0,
             },
             tx,
-            progress: Arc::clone(&progress),
-            heard: false,
+            ready: ready_tx,
         };
-        let task = tokio::spawn(watcher.run(ready_tx));
+        let (mux, key) = self.inner.watch_mux();
         let stream = WatchStream {
             rx,
-            progress,
+            key,
+            mux: mux.clone(),
+            _client: Arc::clone(&self.inner),
             last: None,
-            task,
         };
+        mux.send(Command::Add {
+            key,
+            watch: Box::new(watch),
+        })
+        .map_err(|_| Error::protocol("the client's watch task has ended"))?;
         match ready_rx.await {
             Ok(Ok(())) => Ok(stream),
             Ok(Err(err)) => Err(err),
@@ -473,207 +478,11 @@ impl Client {
     }
 }
 
-/// The background task behind one [`WatchStream`]: one gRPC stream at a time, carrying one
-/// watch.
-struct Watcher {
-    inner: Arc<Inner>,
-    tracker: Tracker,
-    /// The create request, sent with the tracker's resume revision.
-    request: WatchCreateRequest,
-    tx: mpsc::Sender<Result<WatchEvent, Error>>,
-    progress: Arc<Notify>,
-    /// The current stream has sent something.
-    heard: bool,
-}
-
-/// How one stream ended.
-enum End {
-    /// The consumer is gone or the one-shot fired: stop.
-    Done,
-    /// Retry. `blame` marks the member as failed so the next attempt goes elsewhere.
-    Retry {
-        err: Error,
-        blame: bool,
-    },
-    Fatal(Error),
-}
-
-impl Watcher {
-    async fn run(mut self, ready: oneshot::Sender<Result<(), Error>>) {
-        let mut ready = Some(ready);
-        let started = Instant::now();
-        let mut backoff = BACKOFF_START;
-        let mut retries: u32 = 0;
-        loop {
-            let idx = self.inner.pick(false);
-            let (err, blame) = match self.stream_once(idx, &mut ready).await {
-                End::Done => return,
-                End::Fatal(err) => {
-                    self.fail(&mut ready, err).await;
-                    return;
-                }
-                End::Retry { err, blame } => (err, blame),
-            };
-            let addr = &self.inner.endpoints[idx].addr;
-            if blame {
-                self.inner.note_failure(idx);
-            }
-            if ready.is_some() {
-                // Never acknowledged: give up like any other call would.
-                let capped = self.inner.max_retries.is_some_and(|max| retries >= max);
-                if capped || started.elapsed() + backoff >= self.inner.retry_budget {
-                    self.fail(&mut ready, err).await;
-                    return;
-                }
-            } else if self.heard {
-                // The stream worked for a while: reconnect promptly.
-                backoff = BACKOFF_START;
-            }
-            tracing::debug!(
-                endpoint = %addr,
-                error = %err,
-                resume = self.tracker.resume_revision(),
-                "watch interrupted; resuming"
-            );
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = self.tx.closed() => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            retries = retries.saturating_add(1);
-        }
-    }
-
-    async fn fail(&mut self, ready: &mut Option<oneshot::Sender<Result<(), Error>>>, err: Error) {
-        match ready.take() {
-            Some(ready) => {
-                let _ = ready.send(Err(err));
-            }
-            None => {
-                let _ = self.tx.send(Err(err)).await;
-            }
-        }
-    }
-
-    async fn stream_once(
-        &mut self,
-        idx: usize,
-        ready: &mut Option<oneshot::Sender<Result<(), Error>>>,
-    ) -> End {
-        self.tracker.reconnecting();
-        self.heard = false;
-        let addr = self.inner.endpoints[idx].addr.clone();
-        let (req_tx, mut rx) = match self.open(idx).await {
-            Ok(open) => open,
-            Err(err) => return self.classify(err),
-        };
-        // A member that accepts the stream but never acknowledges the watch is as good as down.
-        let mut ack_deadline = Some(Instant::now() + self.inner.request_timeout);
-        loop {
-            let message = tokio::select! {
-                biased;
-                () = self.tx.closed() => return End::Done,
-                () = self.progress.notified() => {
-                    let req = WatchRequest {
-                        request: Some(watch_request::Request::Progress(WatchProgressRequest {})),
-                    };
-                    let _ = req_tx.send(req).await;
-                    continue;
-                }
-                () = sleep_until(ack_deadline) => {
-                    return End::Retry {
-                        err: Error::Timeout(format!(
-                            "{addr}: watch not acknowledged within {}",
-                            humantime::format_duration(self.inner.request_timeout)
-                        )),
-                        blame: true,
-                    };
-                }
-                m = rx.message() => m,
-            };
-            let resp = match message {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    return End::Retry {
-                        err: Error::Unavailable(format!("{addr}: watch stream ended")),
-                        blame: true,
-                    };
-                }
-                Err(status) => return self.classify(with_addr(&addr, Error::from(status))),
-            };
-            self.heard = true;
-            ack_deadline = None;
-            let step = self.tracker.on_response(resp);
-            if self.tracker.established() {
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(Ok(()));
-                }
-            }
-            match step {
-                Step::Skip => {}
-                Step::Yield(ev) => {
-                    if self.tx.send(Ok(ev)).await.is_err() {
-                        return End::Done;
-                    }
-                    if self.tracker.is_done() {
-                        return End::Done;
-                    }
-                }
-                Step::Resume(reason) => {
-                    return End::Retry {
-                        err: Error::Unavailable(format!(
-                            "{addr}: watch canceled by the server: {reason}"
-                        )),
-                        blame: false,
-                    };
-                }
-                Step::Fail(err) => return End::Fatal(err),
-            }
-        }
-    }
-
-    async fn open(
-        &self,
-        idx: usize,
-    ) -> Result<(mpsc::Sender<WatchRequest>, Streaming<WatchResponse>), Error> {
-        let endpoint = &self.inner.endpoints[idx];
-        let mut create = self.request.clone();
-        create.start_revision = self.tracker.resume_revision();
-        let (req_tx, req_rx) = mpsc::channel(4);
-        // Queued before the call, so the request stream never starts empty.
-        let _ = req_tx.try_send(WatchRequest {
-            request: Some(watch_request::Request::Create(create)),
-        });
-        let mut client = WatchClient::new(endpoint.channel.clone());
-        // No grpc-timeout: the stream is meant to outlive any deadline.
-        let call = client.watch(Request::new(ReceiverStream::new(req_rx)));
-        let rx = self.inner.attempt(&endpoint.addr, call).await?;
-        Ok((req_tx, rx))
-    }
-
-    fn classify(&self, err: Error) -> End {
-        let retry = matches!(err, Error::Unavailable(_) | Error::Timeout(_))
-            || err.code() == Code::ResourceExhausted;
-        if retry {
-            End::Retry { err, blame: true }
-        } else {
-            End::Fatal(err)
-        }
-    }
-}
-
-fn with_addr(addr: &str, err: Error) -> Error {
+pub(crate) fn with_addr(addr: &str, err: Error) -> Error {
     match err {
         Error::Unavailable(m) if !m.starts_with(addr) => Error::Unavailable(format!("{addr}: {m}")),
         Error::Timeout(m) if !m.starts_with(addr) => Error::Timeout(format!("{addr}: {m}")),
         err => err,
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -412,6 +412,23 @@ impl Cluster {
         self.addr(id, self.member(id).http_port)
     }
 
+    /// A series of member `id`'s `/metrics`, named with its labels as exposed (for example
+    /// `kord_requests_total{op="watch",code="ok"}`); panics if it is not there.
+    pub async fn metric(&self, id: u64, series: &str) -> u64 {
+        let body = crate::http_get(self.http_addr(id), "/metrics")
+            .await
+            .expect("metrics")
+            .body;
+        body.lines()
+            .find(|l| {
+                l.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{series} in member {id}'s /metrics")) as u64
+    }
+
     fn addr(&self, id: u64, port: u16) -> SocketAddr {
         let ip: std::net::IpAddr = self.member(id).host.ip.parse().expect("member ip");
         SocketAddr::new(ip, port)

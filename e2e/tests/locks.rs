@@ -35,23 +35,8 @@ fn lock_req(name: &str, lease_id: u64, timeout_ms: u64) -> LockRequest {
     }
 }
 
-async fn counter(c: &Cluster, id: u64, name: &str) -> u64 {
-    let body = http_get(c.http_addr(id), "/metrics")
-        .await
-        .expect("metrics")
-        .body;
-    body.lines()
-        .find(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' '))
-        })
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("{name} in member {id}'s /metrics")) as u64
-}
-
 async fn wakeups(c: &Cluster, id: u64) -> u64 {
-    counter(c, id, "kord_claim_wakeups_total").await
+    c.metric(id, "kord_claim_wakeups_total").await
 }
 
 /// Starts a blocking `Lock("F")` of `lease` through member `via` and waits until `leader`
@@ -95,7 +80,7 @@ async fn granted(wait: PendingLock, what: &str) -> kord_e2e::v1::LockResponse {
 
 /// Waits forwarded to member `id` by followers.
 async fn served(c: &Cluster, id: u64) -> u64 {
-    counter(c, id, "kord_claim_waits_served_total").await
+    c.metric(id, "kord_claim_waits_served_total").await
 }
 
 async fn queue_len(c: &Cluster, id: u64, name: &str) -> usize {

@@ -648,3 +648,79 @@ async fn idle_watches_get_progress_and_history_is_compacted_by_retention() {
     .await;
     assert_same_state(&c.wait_converged(Duration::from_secs(10)).await);
 }
+
+/// Revisions of the next `n` event messages of a client watch, each within `T`.
+async fn next_revisions(w: &mut kord_client::WatchStream, n: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(T, w.next()).await {
+            Ok(Some(Ok(kord_client::WatchEvent::Events { revision, .. }))) => got.push(revision),
+            Ok(Some(Ok(kord_client::WatchEvent::Progress { .. }))) => {}
+            other => panic!("after {} events: {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+/// A client's watches share one gRPC stream. A consumer that stops reading holds up no other
+/// watch of its client: the client cancels its watch on the server once the consumer's buffer
+/// is full, and creates it again from the revision after the last one taken when it reads
+/// again, so it still gets every revision once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_watches_share_a_stream_and_a_stalled_consumer_stalls_only_itself() {
+    let c = Cluster::start(1, ClusterOpts::default()).await;
+    let client = kord_client::Client::connect([c.client_addr(1).to_string()])
+        .await
+        .expect("client");
+    client.create("/m", "").await.expect("create /m");
+    let options = kord_client::WatchOptions::default;
+    let mut reading = client.watch("/m", options()).await.expect("watch");
+    let mut stalled = client.watch("/m", options()).await.expect("watch");
+    let mut elsewhere = client.watch("/other", options()).await.expect("watch");
+    assert_eq!(c.metric(1, "kord_watch_streams").await, 1, "one stream");
+    assert_eq!(c.metric(1, "kord_watches").await, 3);
+    let created = r#"kord_requests_total{op="watch",code="ok"}"#;
+    let creations = c.metric(1, created).await;
+    assert_eq!(creations, 3);
+
+    // Far more revisions than a consumer's buffer holds (64), read by one watch only.
+    const WRITES: usize = 300;
+    let mut written = Vec::new();
+    for i in 0..WRITES {
+        let stat = client.set("/m", i.to_string(), None).await.expect("set");
+        written.push(stat.modify_revision);
+    }
+    assert_eq!(next_revisions(&mut reading, WRITES).await, written);
+    assert!(
+        c.metric(1, created).await > creations,
+        "the stalled watch was never paused and created again"
+    );
+
+    // The stalled consumer reads now: every revision, once, in order.
+    assert_eq!(next_revisions(&mut stalled, WRITES).await, written);
+    // A watch on another path of the same stream saw none of it and still works.
+    let other = client.create("/other", "").await.expect("create /other");
+    assert_eq!(
+        next_revisions(&mut elsewhere, 1).await,
+        [other.stat.create_revision]
+    );
+
+    // Dropping a watch cancels it on the server; the last one closes the stream.
+    drop(stalled);
+    wait_until("the dropped watch is canceled", T, || async {
+        match c.metric(1, "kord_watches").await {
+            2 => Ok(()),
+            n => Err(format!("{n} watches")),
+        }
+    })
+    .await;
+    drop(reading);
+    drop(elsewhere);
+    wait_until("the stream is closed", T, || async {
+        match c.metric(1, "kord_watch_streams").await {
+            0 => Ok(()),
+            n => Err(format!("{n} streams")),
+        }
+    })
+    .await;
+}

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub znodes: Gauge,
     pub claim_wakeups: Counter,
     pub claim_waits_served: Counter,
+    pub watch_streams: Gauge,
+    pub watches: Gauge,
 }
 
 impl Default for Metrics {
@@ -58,6 +60,8 @@ impl Metrics {
             znodes: Gauge::default(),
             claim_wakeups: Counter::default(),
             claim_waits_served: Counter::default(),
+            watch_streams: Gauge::default(),
+            watches: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -125,6 +129,16 @@ impl Metrics {
             "claim_waits_served",
             "Lock and election waits that followers forwarded to this member",
             m.claim_waits_served.clone(),
+        );
+        registry.register(
+            "watch_streams",
+            "Open watch streams (a client's watches share one)",
+            m.watch_streams.clone(),
+        );
+        registry.register(
+            "watches",
+            "Watches running on this member",
+            m.watches.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -93,6 +93,22 @@ impl Outbox for StreamOutbox {
     }
 }
 
+/// Counts something in a gauge for as long as it lives (an aborted task drops it too).
+struct Counted(prometheus_client::metrics::gauge::Gauge);
+
+impl Counted {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 fn spec(create: pb::WatchCreateRequest, id: i64) -> Result<WatchSpec, String> {
     path::validate(&create.path).map_err(|e| e.to_string())?;
     let scope = match pb::WatchScope::try_from(create.scope) {
@@ -140,6 +156,7 @@ impl Watch for WatchService {
         let ctx = self.ctx.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
+            let _open = Counted::new(&metrics.watch_streams);
             let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
             let mut watches: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
             let mut next_id: i64 = 1;
@@ -177,7 +194,14 @@ impl Watch for WatchService {
                                     outbox.clone(),
                                     progress_rx.clone(),
                                 );
-                                watches.insert(id, tokio::spawn(task));
+                                let running = Counted::new(&metrics.watches);
+                                watches.insert(
+                                    id,
+                                    tokio::spawn(async move {
+                                        task.await;
+                                        drop(running);
+                                    }),
+                                );
                             }
                             Err(reason) => {
                                 metrics.count_request("watch", tonic::Code::InvalidArgument);
