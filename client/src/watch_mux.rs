@@ -66,6 +66,7 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> mpsc::UnboundedSender<Command> {
         room,
         room_tx,
         watches: HashMap::new(),
+        pending: Vec::new(),
         by_id: HashMap::new(),
         next_id: 1,
         unacked: VecDeque::new(),
@@ -115,6 +116,9 @@ struct Mux {
     room: mpsc::UnboundedReceiver<u64>,
     room_tx: mpsc::UnboundedSender<u64>,
     watches: HashMap<u64, Entry>,
+    /// Keys of watches that became pending since the last creations were sent (some may have
+    /// been removed or paused since): no scan of every watch per message.
+    pending: Vec<u64>,
     by_id: HashMap<i64, u64>,
     /// Watch ids are never reused, so a late message for a canceled watch is recognized.
     next_id: i64,
@@ -143,7 +147,7 @@ impl Mux {
     async fn run(mut self) {
         loop {
             if let Some(stream) = &self.stream {
-                if self.wants_stream() {
+                if !self.pending.is_empty() {
                     let requests = stream.requests.clone();
                     let timeout = self
                         .inner
@@ -184,6 +188,7 @@ impl Mux {
                     if let Some(e) = self.watches.get_mut(&key) {
                         if e.state == State::Paused {
                             e.state = State::Pending;
+                            self.pending.push(key);
                         }
                     }
                     After::Keep
@@ -217,8 +222,12 @@ impl Mux {
         }
     }
 
-    fn wants_stream(&self) -> bool {
-        self.watches.values().any(|e| e.state == State::Pending)
+    /// Whether some watch waits for a stream (called only while there is none).
+    fn wants_stream(&mut self) -> bool {
+        let watches = &self.watches;
+        self.pending
+            .retain(|k| watches.get(k).is_some_and(|e| e.state == State::Pending));
+        !self.pending.is_empty()
     }
 
     fn command(&mut self, command: Command) {
@@ -242,6 +251,7 @@ impl Mux {
                         failures: 0,
                     },
                 );
+                self.pending.push(key);
             }
             Command::Remove { key } => self.remove(key),
             Command::Progress => {
@@ -275,7 +285,10 @@ impl Mux {
         timeout: Duration,
     ) {
         let deadline = Instant::now() + timeout;
-        for (key, e) in self.watches.iter_mut() {
+        for key in std::mem::take(&mut self.pending) {
+            let Some(e) = self.watches.get_mut(&key) else {
+                continue;
+            };
             if e.state != State::Pending {
                 continue;
             }
@@ -289,7 +302,7 @@ impl Mux {
                 request: Some(watch_request::Request::Create(create)),
             });
             e.state = State::Active(id);
-            self.by_id.insert(id, *key);
+            self.by_id.insert(id, key);
             self.unacked.push_back((deadline, id));
             self.unacked_ids.insert(id);
         }
@@ -360,6 +373,7 @@ impl Mux {
         for (key, e) in self.watches.iter_mut() {
             if let State::Active(_) = e.state {
                 e.state = State::Pending;
+                self.pending.push(*key);
             }
             if !retry {
                 gone.push(*key);
@@ -412,10 +426,6 @@ impl Mux {
         // Room first: a consumer that is not reading pauses its own watch, before the tracker
         // moves past a revision it could not take. Only this task sends on the channel, so
         // room seen here is still there below.
-        if e.tx.is_closed() {
-            self.remove(key);
-            return After::Keep;
-        }
         if e.tx.capacity() == 0 {
             self.pause(key);
             return After::Keep;
@@ -429,7 +439,11 @@ impl Mux {
         match step {
             Step::Skip => {}
             Step::Yield(ev) => {
-                let _ = e.tx.try_send(Ok(ev));
+                if e.tx.try_send(Ok(ev)).is_err() {
+                    // Only a closed channel refuses: the consumer is gone.
+                    self.remove(key);
+                    return After::Keep;
+                }
                 if e.tracker.is_done() {
                     // A fired one-shot: the server has ended it already.
                     if let Some(id) = resp_id(&e.state) {
@@ -442,6 +456,7 @@ impl Mux {
                 tracing::debug!(%reason, "watch canceled by the server; creating it again");
                 let id = resp_id(&e.state);
                 e.state = State::Pending;
+                self.pending.push(key);
                 if let Some(id) = id {
                     self.by_id.remove(&id);
                 }

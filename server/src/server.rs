@@ -155,6 +155,7 @@ pub async fn run(
             hub: hub.clone(),
             log: event_log,
             progress_interval: config.watch_progress_interval,
+            running: metrics.watches.clone(),
         }),
         stream_buffer: config.watch_buffer,
         metrics: metrics.clone(),

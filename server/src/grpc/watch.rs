@@ -1,9 +1,7 @@
-//! The `Watch` service: one bidirectional stream per client connection, many watches on it.
-//! Creating a watch starts a task (see `watch`); its deliveries go into the stream's bounded
-//! buffer, so a consumer that stops reading gets its watches canceled, not the server's
-//! memory exhausted.
+//! The `Watch` service: bidirectional streams, each carrying many watches and served by one
+//! task (see `watch::stream`). Deliveries go into the stream's bounded buffer, so a consumer
+//! that stops reading gets its watches canceled, not the server's memory exhausted.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -19,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::raft::{NodeId, Raft};
 use crate::state::{path, EventKind};
 use crate::watch::{
-    self, kind_bit, Delivery, Outbox, Scope, Sent, WatchContext, WatchSpec, SLOW_CONSUMER_GRACE,
+    kind_bit, stream, Delivery, Outbox, Scope, Sent, WatchContext, WatchSpec, SLOW_CONSUMER_GRACE,
 };
 
 pub struct WatchService {
@@ -146,92 +144,38 @@ impl Watch for WatchService {
         &self,
         req: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(self.stream_buffer);
         let outbox = Arc::new(StreamOutbox {
             tx,
             member_id: self.id,
             raft: self.raft.clone(),
         });
-        let ctx = self.ctx.clone();
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let _open = Counted::new(&metrics.watch_streams);
-            let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
-            let mut watches: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
-            let mut next_id: i64 = 1;
-            while let Some(Ok(msg)) = incoming.next().await {
-                watches.retain(|_, task| !task.is_finished());
-                match msg.request {
-                    Some(pb::watch_request::Request::Create(create)) => {
-                        let id = if create.watch_id != 0 {
-                            create.watch_id
-                        } else {
-                            next_id
-                        };
-                        next_id = next_id.max(id + 1);
-                        let refused = |reason: String| Delivery::Canceled {
-                            reason,
-                            compact_revision: 0,
-                        };
-                        if watches.contains_key(&id) {
-                            outbox
-                                .deliver(
-                                    id,
-                                    refused(format!(
-                                        "watch_id {id} is already in use on this stream"
-                                    )),
-                                )
-                                .await;
-                            continue;
-                        }
-                        match spec(create, id) {
-                            Ok(spec) => {
-                                metrics.count_request("watch", tonic::Code::Ok);
-                                let task = watch::run(
-                                    spec,
-                                    ctx.clone(),
-                                    outbox.clone(),
-                                    progress_rx.clone(),
-                                );
-                                let running = Counted::new(&metrics.watches);
-                                watches.insert(
-                                    id,
-                                    tokio::spawn(async move {
-                                        task.await;
-                                        drop(running);
-                                    }),
-                                );
-                            }
-                            Err(reason) => {
-                                metrics.count_request("watch", tonic::Code::InvalidArgument);
-                                outbox.deliver(id, refused(reason)).await;
-                            }
-                        }
-                    }
-                    Some(pb::watch_request::Request::Cancel(cancel)) => {
-                        if let Some(task) = watches.remove(&cancel.watch_id) {
-                            task.abort();
-                            outbox
-                                .deliver(
-                                    cancel.watch_id,
-                                    Delivery::Canceled {
-                                        reason: "canceled by the client".into(),
-                                        compact_revision: 0,
-                                    },
-                                )
-                                .await;
-                        }
-                    }
-                    Some(pb::watch_request::Request::Progress(_)) => {
-                        progress_tx.send_modify(|n| *n += 1);
-                    }
-                    None => {}
+        // The stream ends at the client's end or at the first malformed message.
+        let commands = req
+            .into_inner()
+            .map_while(Result::ok)
+            .filter_map(move |msg| match msg.request? {
+                pb::watch_request::Request::Create(create) => {
+                    let id = create.watch_id;
+                    let spec = spec(create, id).map_err(|reason| (id, reason));
+                    let code = match spec {
+                        Ok(_) => tonic::Code::Ok,
+                        Err(_) => tonic::Code::InvalidArgument,
+                    };
+                    metrics.count_request("watch", code);
+                    Some(stream::Command::Create(spec))
                 }
-            }
-            for (_, task) in watches {
-                task.abort();
-            }
+                pb::watch_request::Request::Cancel(cancel) => {
+                    Some(stream::Command::Cancel(cancel.watch_id))
+                }
+                pb::watch_request::Request::Progress(_) => Some(stream::Command::Progress),
+            });
+        let ctx = self.ctx.clone();
+        let open = Counted::new(&self.metrics.watch_streams);
+        tokio::spawn(async move {
+            stream::serve(ctx, outbox, Box::pin(commands)).await;
+            drop(open);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -1,14 +1,19 @@
-//! Watches: the last step of the data flow. Each watch is a task that delivers, in revision
-//! order and each revision whole, the events matching its filter: first from the stored
-//! history (when it starts in the past or falls behind), then live from the [`hub`]. It
-//! tracks the next revision it owes, so switching between the two never skips or repeats one.
+//! Watches: the last step of the data flow. Each watch delivers, in revision order and each
+//! revision whole, the events matching its filter. One task per stream ([`stream::serve`])
+//! delivers live revisions from the [`hub`] to all of the stream's watches in one pass; a
+//! watch that starts in the past, or whose stream fell behind the hub's buffer, first catches
+//! up from the stored history in a task of its own ([`catch_up`]) and is then handed back.
+//! Every watch tracks the next revision it owes, so switching between the two never skips or
+//! repeats one.
 
 pub mod hub;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::RecvError;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::mpsc;
 
 use crate::state::{path, Event, EventKind};
 use crate::storage::events::EventLog;
@@ -57,9 +62,24 @@ impl WatchSpec {
             Scope::Subtree => path::is_at_or_below(p, &self.path),
         }
     }
+
+    /// The events of one revision this watch delivers (none: nothing to send).
+    fn select(&self, events: &[Event]) -> Vec<Event> {
+        events
+            .iter()
+            .filter(|e| self.matches(e))
+            .map(|e| {
+                let mut e = e.clone();
+                if !self.prev_value {
+                    e.prev = None;
+                }
+                e
+            })
+            .collect()
+    }
 }
 
-/// What a watch task hands to its stream.
+/// What a watch hands to its stream.
 #[derive(Debug)]
 pub enum Delivery {
     Created {
@@ -85,9 +105,9 @@ pub enum Sent {
     Blocked,
 }
 
-/// How long a stream's buffer may stay full before its watch is canceled as too slow. While
-/// it waits, the watch falls behind the live broadcast and later catches up from storage, so
-/// a brief stall costs nothing.
+/// How long a stream's buffer may stay full before its watches are canceled as too slow.
+/// While it waits, the stream falls behind the live broadcast and later catches up from
+/// storage, so a brief stall costs nothing.
 pub const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(2);
 
 /// The stream side of a watch: bounded, shared by the watches of one stream.
@@ -107,210 +127,147 @@ pub struct WatchContext {
     pub log: EventLog,
     /// Idle watches get a progress notification this often.
     pub progress_interval: Duration,
+    /// Watches running on this member (a metric).
+    pub running: Gauge,
 }
 
-/// Runs one watch until it is one-shot done, canceled, or its stream goes away.
-/// `progress` ticks when the client asks for progress notifications.
-pub async fn run<O: Outbox>(
+/// Why a watch left its stream's care.
+enum Ended {
+    /// One-shot fired, canceled (and told so), or its stream is gone.
+    Done,
+    /// Caught up to everything published: live from `next` on.
+    CaughtUp { next: u64 },
+}
+
+/// What a catch-up task reports to its stream's task when it ends.
+pub(crate) struct Handback {
+    pub id: i64,
+    /// Tells this catch-up apart from an earlier watch that used the same id.
+    pub generation: u64,
+    pub spec: WatchSpec,
+    /// `Some(next)`: caught up, deliver live from `next`; `None`: the watch has ended.
+    pub next: Option<u64>,
+}
+
+/// Delivers a watch's history from storage, from `next` up to what the hub has published,
+/// then hands the watch back to its stream's task (see [`stream::serve`]).
+pub(crate) async fn catch_up<O: Outbox>(
     spec: WatchSpec,
+    generation: u64,
+    next: u64,
     ctx: Arc<WatchContext>,
     out: Arc<O>,
-    mut progress: tokio::sync::watch::Receiver<u64>,
+    handback: mpsc::UnboundedSender<Handback>,
 ) {
-    let mut live = ctx.hub.subscribe();
-    let mut next = if spec.start_revision == 0 {
-        ctx.hub.published() + 1
-    } else {
-        spec.start_revision
+    let id = spec.id;
+    let mut next = next;
+    let ended = read_history(&spec, &mut next, &ctx, out.as_ref()).await;
+    let next = match ended {
+        Ended::CaughtUp { next } => Some(next),
+        Ended::Done => None,
     };
-    if let Sent::Blocked = out
-        .try_deliver(spec.id, Delivery::Created { revision: next - 1 })
-        .await
-    {
-        return;
-    }
-    let mut w = Watcher {
+    let _ = handback.send(Handback {
+        id,
+        generation,
         spec,
-        out,
-        next: &mut next,
-    };
-    'catch_up: loop {
-        // From storage, until it has everything published so far.
-        loop {
-            let upto = ctx.hub.published();
-            if *w.next > upto {
-                break;
-            }
-            let chunk = match ctx.log.read(*w.next, upto, CATCH_UP_CHUNK) {
-                Ok(c) => c,
-                Err(e) => {
-                    w.cancel(format!("reading the event history failed: {e}"), 0)
-                        .await;
-                    return;
-                }
-            };
-            if *w.next <= chunk.compacted {
-                let reason = format!(
-                    "compacted: revision {} is gone; the oldest kept is {}",
-                    *w.next,
-                    chunk.compacted + 1
-                );
-                w.cancel(reason, chunk.compacted).await;
-                return;
-            }
-            let full = chunk.revisions.len() == CATCH_UP_CHUNK;
-            let mut last = None;
-            for (revision, events) in &chunk.revisions {
-                match w.offer(*revision, events).await {
-                    Flow::Continue => last = Some(*revision),
-                    Flow::Stop => return,
-                }
-            }
-            *w.next = match (full, last) {
-                (true, Some(r)) => r + 1,
-                _ => upto + 1,
-            };
-        }
-        // Live, until the broadcast leaves this watch behind. The idle timer is not reset per
-        // event (a timer-wheel update for every watch on every revision); a tick that finds a
-        // recent event skips the progress notification instead.
-        let mut idle = tokio::time::interval(ctx.progress_interval);
-        idle.reset();
-        let mut last_event = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                received = live.recv() => match received {
-                    Ok(rev) => {
-                        if rev.revision < *w.next {
-                            continue;
-                        }
-                        if let Flow::Stop = w.offer(rev.revision, &rev.events).await {
-                            return;
-                        }
-                        *w.next = rev.revision + 1;
-                        last_event = tokio::time::Instant::now();
-                    }
-                    Err(RecvError::Lagged(_)) => continue 'catch_up,
-                    Err(RecvError::Closed) => return,
-                },
-                changed = progress.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    if let Flow::Stop = w.progress(&ctx.hub, &mut live).await {
-                        return;
-                    }
-                }
-                _ = idle.tick() => {
-                    if last_event.elapsed() < ctx.progress_interval {
-                        continue;
-                    }
-                    if let Flow::Stop = w.progress(&ctx.hub, &mut live).await {
-                        return;
-                    }
-                }
-            }
-        }
-    }
+        next,
+    });
 }
 
-enum Flow {
-    Continue,
-    Stop,
-}
-
-struct Watcher<'a, O: Outbox> {
-    spec: WatchSpec,
-    out: Arc<O>,
-    next: &'a mut u64,
-}
-
-impl<O: Outbox> Watcher<'_, O> {
-    /// Delivers a revision's matching events, if any.
-    async fn offer(&mut self, revision: u64, events: &[Event]) -> Flow {
-        let matching: Vec<Event> = events
-            .iter()
-            .filter(|e| self.spec.matches(e))
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.spec.prev_value {
-                    e.prev = None;
-                }
-                e
-            })
-            .collect();
-        if matching.is_empty() {
-            return Flow::Continue;
+/// Delivers stored revisions from `*next` until everything published is delivered.
+async fn read_history<O: Outbox>(
+    spec: &WatchSpec,
+    next: &mut u64,
+    ctx: &WatchContext,
+    out: &O,
+) -> Ended {
+    loop {
+        let upto = ctx.hub.published();
+        if *next > upto {
+            return Ended::CaughtUp { next: *next };
         }
-        let d = Delivery::Events {
-            revision,
-            events: matching,
+        let chunk = match ctx.log.read(*next, upto, CATCH_UP_CHUNK) {
+            Ok(c) => c,
+            Err(e) => {
+                cancel(
+                    out,
+                    spec.id,
+                    format!("reading the event history failed: {e}"),
+                    0,
+                )
+                .await;
+                return Ended::Done;
+            }
         };
-        match self.out.try_deliver(self.spec.id, d).await {
-            Sent::Ok if self.spec.one_shot => Flow::Stop,
-            Sent::Ok => Flow::Continue,
-            Sent::Blocked => {
-                let reason = format!(
-                    "slow consumer: the stream's buffer is full; resume from revision {revision}"
-                );
-                self.cancel(reason, 0).await;
-                Flow::Stop
+        if *next <= chunk.compacted {
+            let reason = format!(
+                "compacted: revision {} is gone; the oldest kept is {}",
+                *next,
+                chunk.compacted + 1
+            );
+            cancel(out, spec.id, reason, chunk.compacted).await;
+            return Ended::Done;
+        }
+        let full = chunk.revisions.len() == CATCH_UP_CHUNK;
+        let mut last = None;
+        for (revision, events) in &chunk.revisions {
+            match offer(spec, out, *revision, events).await {
+                Offered::Nothing | Offered::Sent => last = Some(*revision),
+                Offered::Fired | Offered::Blocked => return Ended::Done,
             }
         }
+        *next = match (full, last) {
+            (true, Some(r)) => r + 1,
+            _ => upto + 1,
+        };
     }
+}
 
-    /// Every revision up to the one published before draining the live buffer is delivered.
-    async fn progress(
-        &mut self,
-        hub: &WatchHub,
-        live: &mut tokio::sync::broadcast::Receiver<Arc<hub::RevisionEvents>>,
-    ) -> Flow {
-        let published = hub.published();
-        loop {
-            match live.try_recv() {
-                Ok(rev) => {
-                    if rev.revision < *self.next {
-                        continue;
-                    }
-                    if let Flow::Stop = self.offer(rev.revision, &rev.events).await {
-                        return Flow::Stop;
-                    }
-                    *self.next = rev.revision + 1;
-                }
-                // Behind: no progress claim now; the catch-up will come first.
-                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
-                    return Flow::Continue
-                }
-                Err(_) => break,
-            }
-        }
-        let revision = published.max(*self.next - 1);
-        *self.next = revision + 1;
-        match self
-            .out
-            .try_deliver(self.spec.id, Delivery::Progress { revision })
-            .await
-        {
-            Sent::Ok => Flow::Continue,
-            Sent::Blocked => {
-                self.cancel("slow consumer: the stream's buffer is full".into(), 0)
-                    .await;
-                Flow::Stop
-            }
-        }
-    }
+/// What became of one revision offered to a watch.
+#[derive(Debug, PartialEq, Eq)]
+enum Offered {
+    /// No event of the revision matches.
+    Nothing,
+    Sent,
+    /// Sent, and the watch was one-shot: it is done.
+    Fired,
+    /// The stream's buffer stayed full: the watch was canceled as a slow consumer.
+    Blocked,
+}
 
-    async fn cancel(&mut self, reason: String, compact_revision: u64) {
-        self.out
-            .deliver(
-                self.spec.id,
-                Delivery::Canceled {
-                    reason,
-                    compact_revision,
-                },
-            )
-            .await;
+/// Delivers a revision's matching events, if any.
+async fn offer<O: Outbox>(spec: &WatchSpec, out: &O, revision: u64, events: &[Event]) -> Offered {
+    let matching = spec.select(events);
+    if matching.is_empty() {
+        return Offered::Nothing;
     }
+    let d = Delivery::Events {
+        revision,
+        events: matching,
+    };
+    match out.try_deliver(spec.id, d).await {
+        Sent::Ok if spec.one_shot => Offered::Fired,
+        Sent::Ok => Offered::Sent,
+        Sent::Blocked => {
+            cancel(out, spec.id, slow_consumer(revision), 0).await;
+            Offered::Blocked
+        }
+    }
+}
+
+fn slow_consumer(revision: u64) -> String {
+    format!("slow consumer: the stream's buffer is full; resume from revision {revision}")
+}
+
+async fn cancel<O: Outbox>(out: &O, id: i64, reason: String, compact_revision: u64) {
+    out.deliver(
+        id,
+        Delivery::Canceled {
+            reason,
+            compact_revision,
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]
