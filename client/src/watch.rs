@@ -3,8 +3,9 @@
 //! ([`Client::get_watch`], [`Client::exists_watch`], [`Client::children_watch`]).
 //!
 //! The bookkeeping that makes resumption exact (which revision to resume from, which messages
-//! are duplicates, what a cancel means) lives in [`Tracker`], which is pure; the task that
-//! owns the gRPC stream only moves messages between it and the network.
+//! are duplicates, what a cancel means) lives in [`Tracker`], which is pure. All watches of a
+//! [`Client`] share one gRPC stream, owned by one task (`watch_mux`), which only moves messages
+//! between the trackers, the consumers and the network.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -258,6 +259,11 @@ impl Tracker {
 /// every matching revision once, in order, for as long as it lives. It ends after an error:
 /// [`Error::Compacted`] when the history it needs is gone (re-read, then watch again), or an
 /// error no retry can fix. Once established it retries a lost connection indefinitely.
+///
+/// It shares its client's gRPC stream with the client's other watches. If it is not read, its
+/// buffer (64 messages) fills and the client cancels its watch on the server, without holding up
+/// the others; once it is read again the watch is created again from the revision after the last
+/// one delivered, so nothing is lost or repeated.
 ///
 /// Dropping the stream cancels the watch.
 #[derive(Debug)]
