@@ -1,9 +1,12 @@
 //! The Raft log and vote in RocksDB. An appended entry is reported persisted to openraft only
 //! after the WAL holding it was synced; votes, truncations and purges are written synced.
-//! Appends are group-committed: they are written at once (readable, not yet durable) and a
-//! flusher thread syncs the WAL once for every append that arrived meanwhile, then reports
-//! them all. openraft 0.9 appends each client write on its own, so this is where concurrent
-//! writes come to share an fsync.
+//! Appends are written at once (readable, not yet durable) and a flusher thread syncs the WAL,
+//! once for every append that arrived meanwhile, then reports them all; the fsync never blocks
+//! a runtime thread. openraft 0.9.25 awaits each append's report inside its core before it runs
+//! anything else (`RaftCore::append_to_log`), so appends from one core never overlap and a group
+//! is normally one append: it is the proposal batcher (`proposal/batch.rs`) that makes
+//! concurrent writes share an fsync. The same wait makes a leader's fsync and its followers'
+//! round trip serial (see BENCHMARKS.md, "What limits each figure").
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
