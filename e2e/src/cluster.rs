@@ -429,6 +429,17 @@ impl Cluster {
             .unwrap_or_else(|| panic!("{series} in member {id}'s /metrics")) as u64
     }
 
+    /// Waits until a series of member `id`'s `/metrics` reads `want`; panics after `timeout`.
+    pub async fn wait_metric(&self, id: u64, series: &str, want: u64, timeout: Duration) {
+        crate::wait_until(&format!("{series} = {want}"), timeout, || async {
+            match self.metric(id, series).await {
+                n if n == want => Ok(()),
+                n => Err(format!("{series} = {n}")),
+            }
+        })
+        .await;
+    }
+
     fn addr(&self, id: u64, port: u16) -> SocketAddr {
         let ip: std::net::IpAddr = self.member(id).host.ip.parse().expect("member ip");
         SocketAddr::new(ip, port)

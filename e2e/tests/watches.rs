@@ -707,20 +707,8 @@ async fn client_watches_share_a_stream_and_a_stalled_consumer_stalls_only_itself
 
     // Dropping a watch cancels it on the server; the last one closes the stream.
     drop(stalled);
-    wait_until("the dropped watch is canceled", T, || async {
-        match c.metric(1, "kord_watches").await {
-            2 => Ok(()),
-            n => Err(format!("{n} watches")),
-        }
-    })
-    .await;
+    c.wait_metric(1, "kord_watches", 2, T).await;
     drop(reading);
     drop(elsewhere);
-    wait_until("the stream is closed", T, || async {
-        match c.metric(1, "kord_watch_streams").await {
-            0 => Ok(()),
-            n => Err(format!("{n} streams")),
-        }
-    })
-    .await;
+    c.wait_metric(1, "kord_watch_streams", 0, T).await;
 }

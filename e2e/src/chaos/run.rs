@@ -227,20 +227,19 @@ pub async fn run(opts: ChaosOpts) -> Report {
         stop.clone(),
         100_000,
     ));
+    // Both watches share one client, so they share its gRPC stream: every failover moves and
+    // re-creates them together, and the second is added to a stream already in use.
+    let watch_client = connect(endpoints.clone()).await;
     let mut watchers = vec![tokio::spawn(watches::record(
         "from-start".into(),
-        connect(endpoints.clone()).await,
+        watch_client.clone(),
         start_revision,
         drain_rx.clone(),
         drain_timeout,
     ))];
     // A second watch starts mid-run at the newest acknowledged revision.
     {
-        let (client, rec, rx) = (
-            connect(endpoints.clone()).await,
-            recorder.clone(),
-            drain_rx.clone(),
-        );
+        let (client, rec, rx) = (watch_client, recorder.clone(), drain_rx.clone());
         let delay = opts.duration / 2;
         watchers.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
