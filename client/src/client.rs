@@ -667,7 +667,10 @@ impl Inner {
         let tx = match mux {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => mux
-                .insert(crate::watch_mux::spawn(Arc::downgrade(self)))
+                .insert(crate::watch_mux::spawn(
+                    Arc::downgrade(self),
+                    self.request_timeout,
+                ))
                 .clone(),
         };
         *last_key += 1;

@@ -57,11 +57,15 @@ pub(crate) struct NewWatch {
 }
 
 /// Starts the task for `inner`'s watches; it ends once every sender of its commands is gone.
-pub(crate) fn spawn(inner: Weak<Inner>) -> mpsc::UnboundedSender<Command> {
+pub(crate) fn spawn(
+    inner: Weak<Inner>,
+    request_timeout: Duration,
+) -> mpsc::UnboundedSender<Command> {
     let (tx, commands) = mpsc::unbounded_channel();
     let (room_tx, room) = mpsc::unbounded_channel();
     let mux = Mux {
         inner,
+        request_timeout,
         commands,
         room,
         room_tx,
@@ -111,6 +115,8 @@ struct Stream {
 
 struct Mux {
     inner: Weak<Inner>,
+    /// How long a member may take to acknowledge a watch (the client's request timeout).
+    request_timeout: Duration,
     commands: mpsc::UnboundedReceiver<Command>,
     /// Keys of paused watches whose consumers have room again.
     room: mpsc::UnboundedReceiver<u64>,
@@ -149,11 +155,7 @@ impl Mux {
             if let Some(stream) = &self.stream {
                 if !self.pending.is_empty() {
                     let requests = stream.requests.clone();
-                    let timeout = self
-                        .inner
-                        .upgrade()
-                        .map_or(BACKOFF_MAX, |i| i.request_timeout);
-                    self.create_pending(&requests, timeout);
+                    self.create_pending(&requests);
                 }
             } else if self.wants_stream() {
                 if let Some(at) = self.retry_at {
@@ -195,8 +197,7 @@ impl Mux {
                 }
                 message = next_message(&mut self.stream) => self.message(message),
                 () = sleep_until(deadline) => {
-                    let inner = self.inner.upgrade();
-                    let timeout = inner.map_or(BACKOFF_MAX, |i| i.request_timeout);
+                    let timeout = self.request_timeout;
                     let addr = self.stream.as_ref().map_or("", |s| s.addr.as_str());
                     After::Failed {
                         err: Error::Timeout(format!(
@@ -279,12 +280,8 @@ impl Mux {
     }
 
     /// Sends a create request for every pending watch.
-    fn create_pending(
-        &mut self,
-        requests: &mpsc::UnboundedSender<WatchRequest>,
-        timeout: Duration,
-    ) {
-        let deadline = Instant::now() + timeout;
+    fn create_pending(&mut self, requests: &mpsc::UnboundedSender<WatchRequest>) {
+        let deadline = Instant::now() + self.request_timeout;
         for key in std::mem::take(&mut self.pending) {
             let Some(e) = self.watches.get_mut(&key) else {
                 continue;
@@ -325,7 +322,7 @@ impl Mux {
         let endpoint = &inner.endpoints[idx];
         let (requests, rx) = mpsc::unbounded_channel();
         // Queued before the call, so the request stream never starts empty.
-        self.create_pending(&requests, inner.request_timeout);
+        self.create_pending(&requests);
         let mut client = WatchClient::new(endpoint.channel.clone());
         // No grpc-timeout: the stream is meant to outlive any deadline.
         let call = client.watch(Request::new(UnboundedReceiverStream::new(rx)));
@@ -416,7 +413,8 @@ impl Mux {
             s.heard = true;
         }
         self.unacked_ids.remove(&resp.watch_id);
-        let Some(&key) = self.by_id.get(&resp.watch_id) else {
+        let id = resp.watch_id;
+        let Some(&key) = self.by_id.get(&id) else {
             // A watch canceled or created again since: its id is retired.
             return After::Keep;
         };
@@ -446,26 +444,19 @@ impl Mux {
                 }
                 if e.tracker.is_done() {
                     // A fired one-shot: the server has ended it already.
-                    if let Some(id) = resp_id(&e.state) {
-                        self.by_id.remove(&id);
-                    }
+                    self.by_id.remove(&id);
                     self.watches.remove(&key);
                 }
             }
             Step::Resume(reason) => {
                 tracing::debug!(%reason, "watch canceled by the server; creating it again");
-                let id = resp_id(&e.state);
                 e.state = State::Pending;
                 self.pending.push(key);
-                if let Some(id) = id {
-                    self.by_id.remove(&id);
-                }
+                self.by_id.remove(&id);
             }
             Step::Fail(err) => {
+                self.by_id.remove(&id);
                 if let Some(e) = self.watches.remove(&key) {
-                    if let State::Active(id) = e.state {
-                        self.by_id.remove(&id);
-                    }
                     fail(e, err);
                 }
             }
@@ -496,13 +487,6 @@ impl Mux {
                 let _ = room.send(key);
             }
         });
-    }
-}
-
-fn resp_id(state: &State) -> Option<i64> {
-    match state {
-        State::Active(id) => Some(*id),
-        _ => None,
     }
 }
 

@@ -90,6 +90,32 @@ async fn queue_len(c: &Cluster, id: u64, name: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits until lock `name`'s queue on member `id` holds `n` claims.
+async fn wait_queue(c: &Cluster, id: u64, name: &str, n: usize, what: &str) {
+    wait_until(what, T, || async {
+        match queue_len(c, id, name).await {
+            len if len == n => Ok(()),
+            len => Err(format!("{len} claims")),
+        }
+    })
+    .await;
+}
+
+/// Releases the claim `key` of `lease_id` through member `id`.
+async fn unlock(
+    c: &Cluster,
+    id: u64,
+    key: &str,
+    lease_id: u64,
+) -> Result<tonic::Response<kord_e2e::v1::UnlockResponse>, tonic::Status> {
+    LockClient::new(c.channel(id))
+        .unlock(UnlockRequest {
+            key: key.to_owned(),
+            lease_id,
+        })
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_hand_off_in_order_with_one_wakeup_each() {
     let c = Cluster::start(1, ClusterOpts::default()).await;
@@ -108,54 +134,23 @@ async fn locks_hand_off_in_order_with_one_wakeup_each() {
         .await
         .expect_err("b times out");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
-    wait_until("b's claim withdrawn", T, || async {
-        if queue_len(&c, 1, "L").await == 1 {
-            Ok(())
-        } else {
-            Err("queue".into())
-        }
-    })
-    .await;
+    wait_queue(&c, 1, "L", 1, "b's claim withdrawn").await;
 
     // B, then D, queue up; releases hand the lock on in that order.
     let mut lb = LockClient::new(ch.clone());
     let wait_b = tokio::spawn(async move { lb.lock(lock_req("L", b, 0)).await });
-    wait_until("b queued", T, || async {
-        if queue_len(&c, 1, "L").await == 2 {
-            Ok(())
-        } else {
-            Err("queue".into())
-        }
-    })
-    .await;
+    wait_queue(&c, 1, "L", 2, "b queued").await;
     let mut ld = LockClient::new(ch.clone());
     let mut wait_d = tokio::spawn(async move { ld.lock(lock_req("L", d, 0)).await });
-    wait_until("d queued", T, || async {
-        if queue_len(&c, 1, "L").await == 3 {
-            Ok(())
-        } else {
-            Err("queue".into())
-        }
-    })
-    .await;
+    wait_queue(&c, 1, "L", 3, "d queued").await;
 
     let before = wakeups(&c, 1).await;
-    let wrong = locks
-        .unlock(UnlockRequest {
-            key: held.key.clone(),
-            lease_id: b,
-        })
+    let wrong = unlock(&c, 1, &held.key, b)
         .await
         .expect_err("b cannot unlock a's claim");
     assert_eq!(wrong.code(), Code::PermissionDenied, "{wrong}");
-    locks
-        .unlock(UnlockRequest {
-            key: held.key.clone(),
-            lease_id: a,
-        })
-        .await
-        .expect("a unlocks");
-    let got_b = wait_b.await.expect("join").expect("b locks").into_inner();
+    unlock(&c, 1, &held.key, a).await.expect("a unlocks");
+    let got_b = granted(wait_b, "b locks").await;
     assert!(got_b.fencing_token > held.fencing_token);
     assert_waiting(&mut wait_d, "d returned while b held the lock").await;
     assert_eq!(
@@ -175,11 +170,7 @@ async fn locks_hand_off_in_order_with_one_wakeup_each() {
     let got_d = granted(wait_d, "d locks").await;
     assert!(got_d.fencing_token > got_b.fencing_token);
     assert_eq!(wakeups(&c, 1).await - before, 2);
-    let gone = locks
-        .unlock(UnlockRequest {
-            key: got_b.key,
-            lease_id: b,
-        })
+    let gone = unlock(&c, 1, &got_b.key, b)
         .await
         .expect_err("b's claim is gone");
     assert_eq!(gone.code(), Code::NotFound);
@@ -219,28 +210,11 @@ async fn concurrent_locks_of_one_lease_share_one_claim() {
             tokio::spawn(async move { locks.lock(lock_req("C", b, 0)).await })
         })
         .collect();
-    wait_until("b's claim queued", T, || async {
-        match queue_len(&c, leader, "C").await {
-            2 => Ok(()),
-            n => Err(format!("{n} claims")),
-        }
-    })
-    .await;
-    LockClient::new(c.channel(leader))
-        .unlock(UnlockRequest {
-            key: held.key.clone(),
-            lease_id: a,
-        })
-        .await
-        .expect("a unlocks");
+    wait_queue(&c, leader, "C", 2, "b's claim queued").await;
+    unlock(&c, leader, &held.key, a).await.expect("a unlocks");
     let mut keys = Vec::new();
     for w in waits {
-        let got = tokio::time::timeout(T, w)
-            .await
-            .expect("b in time")
-            .expect("join")
-            .expect("b locks")
-            .into_inner();
+        let got = granted(w, "b locks").await;
         assert!(got.fencing_token > held.fencing_token);
         keys.push(got.key);
     }
@@ -282,13 +256,7 @@ async fn follower_waits_run_on_the_leader_and_survive_its_death() {
         served(&c, leader).await > before,
         "the wait was not forwarded"
     );
-    wait_until("b's claim withdrawn", T, || async {
-        match queue_len(&c, f1, "F").await {
-            1 => Ok(()),
-            n => Err(format!("{n} claims")),
-        }
-    })
-    .await;
+    wait_queue(&c, f1, "F", 1, "b's claim withdrawn").await;
 
     // B waits through follower f1; the wait reaches the leader, then the leader dies.
     let mut wait_b = forwarded_wait(&c, f1, leader, b, "b's wait forwarded to the leader").await;
@@ -326,11 +294,7 @@ async fn follower_waits_run_on_the_leader_and_survive_its_death() {
     .await;
     assert_waiting(&mut wait_d, "d returned while b held the lock").await;
     let wakeups_before = wakeups(&c, new_leader).await;
-    LockClient::new(c.channel(new_leader))
-        .unlock(UnlockRequest {
-            key: got_b.key.clone(),
-            lease_id: b,
-        })
+    unlock(&c, new_leader, &got_b.key, b)
         .await
         .expect("b unlocks");
     let got_d = granted(wait_d, "d locks").await;

@@ -407,6 +407,9 @@ mod tests {
         out: mpsc::UnboundedReceiver<(i64, Delivery)>,
         running: prometheus_client::metrics::gauge::Gauge,
         published: u64,
+        /// Revisions delivered, by watch, in order of delivery.
+        delivered: HashMap<i64, Vec<u64>>,
+        canceled: Vec<(i64, String)>,
     }
 
     /// A hub and an event history in a fresh RocksDB.
@@ -440,6 +443,8 @@ mod tests {
             out,
             running,
             published: 0,
+            delivered: HashMap::new(),
+            canceled: Vec::new(),
         }
     }
 
@@ -455,28 +460,35 @@ mod tests {
             let _ = self.commands.send(Command::Create(Ok(spec)));
         }
 
-        /// Lets the stream task run until it has nothing left to do.
-        async fn settle(&self) {
-            for _ in 0..200 {
-                tokio::task::yield_now().await;
+        /// Moves what the stream delivered into `delivered` and `canceled`.
+        fn drain(&mut self) {
+            while let Ok((id, d)) = self.out.try_recv() {
+                match d {
+                    Delivery::Events { revision, .. } => {
+                        self.delivered.entry(id).or_default().push(revision)
+                    }
+                    Delivery::Canceled { reason, .. } => self.canceled.push((id, reason)),
+                    Delivery::Created { .. } | Delivery::Progress { .. } => {}
+                }
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            for _ in 0..200 {
+        }
+
+        /// Lets the stream's tasks run until `done` holds; fails after 10 s.
+        async fn until(&mut self, what: &str, done: impl Fn(&Setup) -> bool) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                self.drain();
+                if done(self) {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "not in 10 s: {what}");
                 tokio::task::yield_now().await;
             }
         }
 
-        /// The revisions delivered to watch `id` so far, in order of delivery.
-        fn revisions(&mut self, id: i64) -> Vec<u64> {
-            let mut got = Vec::new();
-            while let Ok((watch, d)) = self.out.try_recv() {
-                match d {
-                    Delivery::Events { revision, .. } if watch == id => got.push(revision),
-                    Delivery::Canceled { reason, .. } => panic!("watch {watch} canceled: {reason}"),
-                    _ => {}
-                }
-            }
-            got
+        /// How many revisions watch `id` has received.
+        fn count(&self, id: i64) -> usize {
+            self.delivered.get(&id).map_or(0, Vec::len)
         }
     }
 
@@ -485,24 +497,30 @@ mod tests {
         let mut s = setup();
         s.watch(1, "/a", 0);
         s.watch(2, "/b", 0);
-        s.settle().await;
-        assert_eq!(s.running.get(), 2);
+        s.until("both watches created", |s| s.running.get() == 2)
+            .await;
         // Far more revisions than the hub holds, without letting the stream task run.
         let total = LIVE_BUFFER_REVISIONS as u64 + 1000;
         for _ in 0..total {
             s.write("/a");
         }
-        s.settle().await;
+        s.until("the history delivered", |s| s.count(1) >= total as usize)
+            .await;
         // And some more once it is live again.
         for _ in 0..10 {
             s.write("/a");
         }
         s.write("/b");
-        s.settle().await;
-        let got = s.revisions(1);
+        let all = total as usize + 10;
+        s.until("the live revisions delivered", |s| {
+            s.count(1) >= all && s.count(2) == 1
+        })
+        .await;
+        let got = s.delivered.remove(&1).unwrap_or_default();
         let want: Vec<u64> = (1..=total + 10).collect();
         assert_eq!(got.len(), want.len(), "{} revisions delivered", got.len());
         assert_eq!(got, want);
+        assert!(s.canceled.is_empty(), "{:?}", s.canceled);
         assert_eq!(s.running.get(), 2);
     }
 
@@ -522,44 +540,40 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         }
-        s.settle().await;
         s.write("/a");
-        s.settle().await;
         let last = s.published;
-        let mut delivered: HashMap<i64, Vec<u64>> = HashMap::new();
-        while let Ok((id, d)) = s.out.try_recv() {
-            match d {
-                Delivery::Events { revision, .. } => {
-                    delivered.entry(id).or_default().push(revision)
-                }
-                Delivery::Canceled { reason, .. } => panic!("watch {id} canceled: {reason}"),
-                _ => {}
-            }
-        }
+        let reached = |s: &Setup, ids: &[i64], revision: u64| {
+            ids.iter()
+                .all(|id| s.delivered.get(id).and_then(|r| r.last()) == Some(&revision))
+        };
+        s.until("every watch at the last revision", |s| {
+            reached(s, &[7, 8, 9, 10, 11], last)
+        })
+        .await;
         for (id, start) in starts {
             let want: Vec<u64> = (start..=last).collect();
-            assert_eq!(
-                delivered.remove(&id).unwrap_or_default(),
-                want,
-                "watch {id}"
-            );
+            assert_eq!(s.delivered[&id], want, "watch {id}");
         }
+        assert!(s.canceled.is_empty(), "{:?}", s.canceled);
         assert_eq!(s.running.get(), 5);
 
-        // Cancel: acknowledged, gone from the count, and nothing more is delivered.
+        // Cancel: acknowledged, gone from the count, and nothing more is delivered (the
+        // stream's task delivers a revision to all its live watches in one pass).
         let _ = s.commands.send(Command::Cancel(7));
-        s.settle().await;
+        s.until("the cancel acknowledged", |s| !s.canceled.is_empty())
+            .await;
         s.write("/a");
-        s.settle().await;
+        let next = s.published;
+        s.until("the next revision at the other watches", |s| {
+            reached(s, &[8, 9, 10, 11], next)
+        })
+        .await;
         assert_eq!(s.running.get(), 4);
-        let mut after = Vec::new();
-        while let Ok((id, d)) = s.out.try_recv() {
-            after.push((id, matches!(d, Delivery::Canceled { .. })));
-        }
-        assert!(after.contains(&(7, true)), "{after:?}");
-        assert!(
-            !after.contains(&(7, false)),
-            "delivered after the cancel: {after:?}"
+        assert_eq!(s.canceled, [(7, "canceled by the client".to_owned())]);
+        assert_eq!(
+            s.delivered[&7].last(),
+            Some(&last),
+            "delivered after the cancel"
         );
     }
 
