@@ -10,5 +10,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &["proto/kord/v1/kord.proto", "proto/kord/v1/peer.proto"],
         &["proto"],
     )?;
+    // The server's Watch service, whose responses carry pre-encoded events (see the file).
+    let wire_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("wire");
+    std::fs::create_dir_all(&wire_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&wire_dir)
+        .extern_path(".kord.v1.WatchRequest", "crate::v1::WatchRequest")
+        .extern_path(".kord.v1.ResponseHeader", "crate::v1::ResponseHeader")
+        .bytes(".kord.v1.WatchResponseWire.events")
+        .compile_protos(&["proto/kord/v1/watch_wire.proto"], &["proto"])?;
     Ok(())
 }

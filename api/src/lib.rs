@@ -11,3 +11,10 @@ pub mod v1 {
 pub mod peer {
     tonic::include_proto!("kord.peer.v1");
 }
+
+/// The server's side of the Watch service: the same RPC as [`v1::watch_server`], with
+/// responses whose events are already encoded (`proto/kord/v1/watch_wire.proto`). Clients
+/// decode them as [`v1::WatchResponse`].
+pub mod watch_wire {
+    include!(concat!(env!("OUT_DIR"), "/wire/kord.v1.rs"));
+}

@@ -7,6 +7,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use kord_bench::{CompareOptions, RunConfig, Target, Workload};
 
+/// The same allocator as the `kord` server; it serves all three targets' clients alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kord-bench",

@@ -9,9 +9,11 @@
 //! after its last delivered one, once its consumer has room.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::Weak;
 
+use futures::FutureExt;
 use kord_api::v1::watch_client::WatchClient;
 use kord_api::v1::{
     watch_request, WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
@@ -26,6 +28,37 @@ use tonic::{Code, Request, Streaming};
 use crate::client::Inner;
 use crate::watch::{Step, Tracker, WatchEvent, BACKOFF_MAX, BACKOFF_START};
 use crate::Error;
+
+/// Messages routed per turn of the task's loop before it looks at commands again.
+const BURST: usize = 256;
+
+/// Maps keyed by watch keys and ids, which this client makes itself: no need for a hash that
+/// resists chosen keys, and every message looks up two of them.
+type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// Fibonacci hashing of one integer key.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+}
 
 /// A consumer's channel of a watch.
 pub(crate) type EventTx = mpsc::Sender<Result<WatchEvent, Error>>;
@@ -69,9 +102,9 @@ pub(crate) fn spawn(
         commands,
         room,
         room_tx,
-        watches: HashMap::new(),
+        watches: IdMap::default(),
         pending: Vec::new(),
-        by_id: HashMap::new(),
+        by_id: IdMap::default(),
         next_id: 1,
         unacked: VecDeque::new(),
         unacked_ids: HashSet::new(),
@@ -121,11 +154,11 @@ struct Mux {
     /// Keys of paused watches whose consumers have room again.
     room: mpsc::UnboundedReceiver<u64>,
     room_tx: mpsc::UnboundedSender<u64>,
-    watches: HashMap<u64, Entry>,
+    watches: IdMap<u64, Entry>,
     /// Keys of watches that became pending since the last creations were sent (some may have
     /// been removed or paused since): no scan of every watch per message.
     pending: Vec<u64>,
-    by_id: HashMap<i64, u64>,
+    by_id: IdMap<i64, u64>,
     /// Watch ids are never reused, so a late message for a canceled watch is recognized.
     next_id: i64,
     /// Creations not yet acknowledged, oldest first, with their deadlines: a member that
@@ -195,7 +228,21 @@ impl Mux {
                     }
                     After::Keep
                 }
-                message = next_message(&mut self.stream) => self.message(message),
+                message = next_message(&mut self.stream) => {
+                    // Route what has already arrived before going round the select again:
+                    // one revision reaching many watches arrives as a burst of messages.
+                    let mut after = self.message(message);
+                    for _ in 1..BURST {
+                        if !matches!(after, After::Keep) {
+                            break;
+                        }
+                        match next_message(&mut self.stream).now_or_never() {
+                            Some(message) => after = self.message(message),
+                            None => break,
+                        }
+                    }
+                    after
+                }
                 () = sleep_until(deadline) => {
                     let timeout = self.request_timeout;
                     let addr = self.stream.as_ref().map_or("", |s| s.addr.as_str());
@@ -412,7 +459,9 @@ impl Mux {
         if let Some(s) = &mut self.stream {
             s.heard = true;
         }
-        self.unacked_ids.remove(&resp.watch_id);
+        if !self.unacked_ids.is_empty() {
+            self.unacked_ids.remove(&resp.watch_id);
+        }
         let id = resp.watch_id;
         let Some(&key) = self.by_id.get(&id) else {
             // A watch canceled or created again since: its id is retired.

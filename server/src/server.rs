@@ -12,9 +12,9 @@ use kord_api::v1::election_server::ElectionServer;
 use kord_api::v1::kv_server::KvServer;
 use kord_api::v1::lease_server::LeaseServer;
 use kord_api::v1::lock_server::LockServer;
-use kord_api::v1::watch_server::WatchServer;
 use kord_api::v1::AddMemberRequest;
 use kord_api::v1::{MemberListRequest, MemberRole};
+use kord_api::watch_wire::watch_server::WatchServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 

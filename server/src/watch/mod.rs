@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::state::{path, Event, EventKind};
 use crate::storage::events::EventLog;
-use hub::WatchHub;
+use hub::{RevisionEvents, WatchHub};
 
 /// Revisions read from storage per step while catching up.
 const CATCH_UP_CHUNK: usize = 256;
@@ -64,18 +64,47 @@ impl WatchSpec {
     }
 
     /// The events of one revision this watch delivers (none: nothing to send).
-    fn select(&self, events: &[Event]) -> Vec<Event> {
-        events
-            .iter()
-            .filter(|e| self.matches(e))
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.prev_value {
-                    e.prev = None;
-                }
-                e
-            })
-            .collect()
+    /// The events of `rev` this watch delivers, or `None` if none matches. Shares `rev`
+    /// instead of copying events: every watch a revision reaches points at the same events.
+    fn select(&self, rev: &Arc<RevisionEvents>) -> Option<Selected> {
+        let matching = rev.events.iter().filter(|e| self.matches(e)).count();
+        let indexes = match matching {
+            0 => return None,
+            n if n == rev.events.len() => None,
+            _ => Some(
+                (0..rev.events.len())
+                    .filter(|&i| self.matches(&rev.events[i]))
+                    .collect(),
+            ),
+        };
+        Some(Selected {
+            source: Arc::clone(rev),
+            indexes,
+            prev_value: self.prev_value,
+        })
+    }
+}
+
+/// The events of one revision that one watch delivers.
+#[derive(Debug)]
+pub struct Selected {
+    pub source: Arc<RevisionEvents>,
+    /// Indexes into `source.events`, in order; `None`: all of them.
+    pub indexes: Option<Vec<usize>>,
+    /// Whether the events carry the node as it was before the change.
+    pub prev_value: bool,
+}
+
+impl Selected {
+    pub fn revision(&self) -> u64 {
+        self.source.revision
+    }
+
+    /// The selected events with their indexes in the revision.
+    pub fn events(&self) -> impl Iterator<Item = (usize, &Event)> {
+        let all = self.source.events.iter().enumerate();
+        let picked = self.indexes.as_ref();
+        all.filter(move |(i, _)| picked.is_none_or(|p| p.binary_search(i).is_ok()))
     }
 }
 
@@ -85,10 +114,7 @@ pub enum Delivery {
     Created {
         revision: u64,
     },
-    Events {
-        revision: u64,
-        events: Vec<Event>,
-    },
+    Events(Selected),
     Progress {
         revision: u64,
     },
@@ -210,9 +236,10 @@ async fn read_history<O: Outbox>(
         }
         let full = chunk.revisions.len() == CATCH_UP_CHUNK;
         let mut last = None;
-        for (revision, events) in &chunk.revisions {
-            match offer(spec, out, *revision, events).await {
-                Offered::Nothing | Offered::Sent => last = Some(*revision),
+        for (revision, events) in chunk.revisions {
+            let rev = Arc::new(RevisionEvents { revision, events });
+            match offer(spec, out, &rev).await {
+                Offered::Nothing | Offered::Sent => last = Some(revision),
                 Offered::Fired | Offered::Blocked => return Ended::Done,
             }
         }
@@ -236,20 +263,15 @@ enum Offered {
 }
 
 /// Delivers a revision's matching events, if any.
-async fn offer<O: Outbox>(spec: &WatchSpec, out: &O, revision: u64, events: &[Event]) -> Offered {
-    let matching = spec.select(events);
-    if matching.is_empty() {
+async fn offer<O: Outbox>(spec: &WatchSpec, out: &O, rev: &Arc<RevisionEvents>) -> Offered {
+    let Some(selected) = spec.select(rev) else {
         return Offered::Nothing;
-    }
-    let d = Delivery::Events {
-        revision,
-        events: matching,
     };
-    match out.try_deliver(spec.id, d).await {
+    match out.try_deliver(spec.id, Delivery::Events(selected)).await {
         Sent::Ok if spec.one_shot => Offered::Fired,
         Sent::Ok => Offered::Sent,
         Sent::Blocked => {
-            cancel(out, spec.id, slow_consumer(revision), 0).await;
+            cancel(out, spec.id, slow_consumer(rev.revision), 0).await;
             Offered::Blocked
         }
     }

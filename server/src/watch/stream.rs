@@ -240,7 +240,7 @@ impl<O: Outbox> Watches<O> {
     /// Delivers one revision to every live watch it reaches. Once the stream's buffer has
     /// stayed full for the grace period, the other watches the revision reaches are canceled
     /// without waiting again: the consumer is not reading.
-    async fn revision(&mut self, rev: &RevisionEvents) {
+    async fn revision(&mut self, rev: &Arc<RevisionEvents>) {
         self.seen = self.seen.max(rev.revision);
         let mut blocked = false;
         let mut ended = Vec::new();
@@ -249,19 +249,14 @@ impl<O: Outbox> Watches<O> {
                 continue;
             }
             w.next = rev.revision + 1;
-            let events = w.spec.select(&rev.events);
-            if events.is_empty() {
+            let Some(selected) = w.spec.select(rev) else {
                 continue;
-            }
+            };
             w.quiet = false;
             let sent = if blocked {
                 Sent::Blocked
             } else {
-                let d = Delivery::Events {
-                    revision: rev.revision,
-                    events,
-                };
-                self.out.try_deliver(*id, d).await
+                self.out.try_deliver(*id, Delivery::Events(selected)).await
             };
             match sent {
                 Sent::Ok if w.spec.one_shot => ended.push(*id),
@@ -464,9 +459,11 @@ mod tests {
         fn drain(&mut self) {
             while let Ok((id, d)) = self.out.try_recv() {
                 match d {
-                    Delivery::Events { revision, .. } => {
-                        self.delivered.entry(id).or_default().push(revision)
-                    }
+                    Delivery::Events(selected) => self
+                        .delivered
+                        .entry(id)
+                        .or_default()
+                        .push(selected.revision()),
                     Delivery::Canceled { reason, .. } => self.canceled.push((id, reason)),
                     Delivery::Created { .. } | Delivery::Progress { .. } => {}
                 }
@@ -624,8 +621,8 @@ mod tests {
         .await;
         let events = |out: &mut mpsc::UnboundedReceiver<(i64, Delivery)>| {
             let mut got = Vec::new();
-            while let Ok((3, Delivery::Events { revision, .. })) = out.try_recv() {
-                got.push(revision);
+            while let Ok((3, Delivery::Events(selected))) = out.try_recv() {
+                got.push(selected.revision());
             }
             got
         };
@@ -636,10 +633,10 @@ mod tests {
             .cf_handle(cf::EVENTS)
             .and_then(|h| db.get_cf(h, codec::u64_key(51)).ok().flatten())
             .expect("stored");
-        let rev = RevisionEvents {
+        let rev = Arc::new(RevisionEvents {
             revision: 51,
             events: codec::decode("events", &events_51).expect("decode"),
-        };
+        });
         // Delivered once, even if the stream sees the revision twice.
         w.revision(&rev).await;
         w.revision(&rev).await;
