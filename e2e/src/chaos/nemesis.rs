@@ -189,6 +189,10 @@ pub async fn run(
     let until = Instant::now() + cfg.duration;
     // Ids are never reused: new members count up from the largest one.
     let mut next_id = cluster.ids().into_iter().max().unwrap_or(0) + 1;
+    // The clients were given these members' addresses, as a static endpoint list (like a
+    // ZooKeeper connect string): replacing all of them would cut every client off for good,
+    // which tests the harness, not Kord. The last of them is never replaced.
+    let known = cluster.ids();
     let stamp = |t0: Instant| format!("{:7.3}s", t0.elapsed().as_secs_f64());
     while report.faults < cfg.max_faults && Instant::now() < until && !cfg.faults.is_empty() {
         // Quiet time between faults: part of the schedule, not synchronisation.
@@ -291,7 +295,14 @@ pub async fn run(
                 )
             }
             Fault::ReplaceWiped | Fault::ReplaceMember => {
-                let Some(&old) = followers.choose(&mut rng) else {
+                let members = cluster.ids();
+                let known_left = known.iter().filter(|id| members.contains(id)).count();
+                let replaceable: Vec<u64> = followers
+                    .iter()
+                    .copied()
+                    .filter(|id| known_left > 1 || !known.contains(id))
+                    .collect();
+                let Some(&old) = replaceable.choose(&mut rng) else {
                     continue;
                 };
                 let new = next_id;
