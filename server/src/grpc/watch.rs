@@ -3,9 +3,7 @@
 //! that stops reading gets its watches canceled, not the server's memory exhausted.
 
 use std::pin::Pin;
-use std::sync::Arc;
-
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use kord_api::v1 as pb;

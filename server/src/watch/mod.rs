@@ -63,7 +63,6 @@ impl WatchSpec {
         }
     }
 
-    /// The events of one revision this watch delivers (none: nothing to send).
     /// The events of `rev` this watch delivers, or `None` if none matches. Shares `rev`
     /// instead of copying events: every watch a revision reaches points at the same events.
     fn select(&self, rev: &Arc<RevisionEvents>) -> Option<Selected> {
