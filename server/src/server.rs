@@ -252,15 +252,23 @@ pub async fn run(
     }
 }
 
-/// Resolves when the Raft core reports a fatal error.
+/// How often the main task looks whether the Raft core stopped.
+const RAFT_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Resolves when the Raft core reports a fatal error or is gone. Looks every
+/// [`RAFT_CHECK_INTERVAL`] instead of waiting on openraft's metrics channel: that changes
+/// several times per write, and this runs on the main thread, which every change would wake.
 async fn raft_stopped(raft: &Raft) -> String {
-    let mut metrics = raft.metrics();
+    let metrics = raft.metrics();
+    let mut tick = tokio::time::interval(RAFT_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        tick.tick().await;
         if let Err(e) = &metrics.borrow().running_state {
             tracing::error!(error = %e, "raft stopped");
             return e.to_string();
         }
-        if metrics.changed().await.is_err() {
+        if metrics.has_changed().is_err() {
             return "raft metrics closed".into();
         }
     }
