@@ -40,9 +40,6 @@ pub const REMOVED_DIR: &str = "/kord/members/removed";
 pub const DEFAULT_ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 const POLL: Duration = Duration::from_millis(50);
-/// How often a member looks at its applied state for its own removal. Polled rather than
-/// woken by every change of openraft's metrics, which change several times per write.
-pub const REMOVAL_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 pub fn tombstone_path(id: NodeId) -> String {
     format!("{REMOVED_DIR}/{id}")
@@ -293,18 +290,16 @@ impl Membership {
     }
 
     /// Resolves when this member learns it was removed: from its own applied state (looked
-    /// at every [`REMOVAL_CHECK_INTERVAL`]), or from a peer refusing its Raft traffic. The
-    /// caller stops the process.
-    pub async fn removed(&self) -> String {
-        let mut tick = tokio::time::interval(REMOVAL_CHECK_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// at on every tick of `checks`), or from a peer refusing its Raft traffic. The caller
+    /// stops the process.
+    pub async fn removed(&self, mut checks: tokio::time::Interval) -> String {
         loop {
             if let Some(reason) = self.removed_here() {
                 self.inner.guard.removed(reason);
             }
             tokio::select! {
                 reason = self.inner.guard.wait_removed() => return reason,
-                _ = tick.tick() => {}
+                _ = checks.tick() => {}
             }
         }
     }

@@ -219,7 +219,7 @@ pub async fn run(
     let fatal = tokio::select! {
         _ = shutdown => None,
         reason = raft_stopped(&raft) => Some(format!("raft stopped: {reason}")),
-        reason = membership.removed() => {
+        reason = membership.removed(state_checks()) => {
             tracing::error!(member = config.id, %reason, "removed from the cluster; stopping");
             Some(reason)
         }
@@ -252,18 +252,24 @@ pub async fn run(
     }
 }
 
-/// How often the main task looks whether the Raft core stopped.
-const RAFT_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the main task looks whether the Raft core stopped or this member was removed.
+const STATE_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Resolves when the Raft core reports a fatal error or is gone. Looks every
-/// [`RAFT_CHECK_INTERVAL`] instead of waiting on openraft's metrics channel: that changes
-/// several times per write, and this runs on the main thread, which every change would wake.
+/// The main task's periodic look at the Raft core and the applied state. Polled, not woken by
+/// openraft's metrics channel: that changes several times per write, and the main task runs
+/// on the main thread, which every change would wake.
+fn state_checks() -> tokio::time::Interval {
+    let mut checks = tokio::time::interval(STATE_CHECK_INTERVAL);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    checks
+}
+
+/// Resolves when the Raft core reports a fatal error or is gone.
 async fn raft_stopped(raft: &Raft) -> String {
     let metrics = raft.metrics();
-    let mut tick = tokio::time::interval(RAFT_CHECK_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checks = state_checks();
     loop {
-        tick.tick().await;
+        checks.tick().await;
         if let Err(e) = &metrics.borrow().running_state {
             tracing::error!(error = %e, "raft stopped");
             return e.to_string();

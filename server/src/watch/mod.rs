@@ -101,9 +101,12 @@ impl Selected {
 
     /// The selected events with their indexes in the revision.
     pub fn events(&self) -> impl Iterator<Item = (usize, &Event)> {
-        let all = self.source.events.iter().enumerate();
-        let picked = self.indexes.as_ref();
-        all.filter(move |(i, _)| picked.is_none_or(|p| p.binary_search(i).is_ok()))
+        let (all, picked) = match &self.indexes {
+            None => (0..self.source.events.len(), [].iter()),
+            Some(p) => (0..0, p.iter()),
+        };
+        all.chain(picked.copied())
+            .map(|i| (i, &self.source.events[i]))
     }
 }
 
