@@ -51,7 +51,11 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let db = storage::open_db(&config.data_dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", config.data_dir.display()))?;
-    let log_store = LogStore::new(db.clone(), metrics.clone())?;
+    let log_store = LogStore::open(
+        db.clone(),
+        &config.data_dir.join("raft-log"),
+        metrics.clone(),
+    )?;
     let committed = log_store.committed_index();
     let event_log = EventLog::new(db.clone());
     let sm = StateMachineStore::open(db, &config.data_dir, metrics.clone())?;

@@ -1,4 +1,5 @@
-//! openraft's storage test suite against Kord's RocksDB log store and state machine.
+//! openraft's storage test suite against Kord's log store (segment files plus RocksDB) and state
+//! machine.
 
 use std::sync::Arc;
 
@@ -15,7 +16,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RocksBui
         let dir = TempDir::new().expect("temp dir");
         let metrics = Arc::new(Metrics::new());
         let db = open_db(&dir.path().join("db")).expect("open rocksdb");
-        let log = LogStore::new(db.clone(), metrics.clone()).expect("log store");
+        let log = LogStore::open(db.clone(), &dir.path().join("raft-log"), metrics.clone())
+            .expect("log store");
         let sm = StateMachineStore::open(db, dir.path(), metrics).expect("state machine");
         Ok((dir, log, sm))
     }

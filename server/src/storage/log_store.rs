@@ -1,54 +1,68 @@
-//! The Raft log and vote in RocksDB. An appended entry is reported persisted to openraft only
-//! after the WAL holding it was synced; votes, truncations and purges are written synced.
-//! Appends are written at once (readable, not yet durable) and a flusher thread syncs the WAL,
+//! The Raft log for openraft: entries in segment files ([`super::log_file`]); the vote, the
+//! commit point and the purge point in RocksDB. An appended entry is reported persisted to
+//! openraft only after its segment was synced; votes, truncations and purges are durable when
+//! they return.
+//! Appends are written at once (readable, not yet durable) and a flusher thread syncs the log,
 //! once for every append that arrived meanwhile, then reports them all; the fsync never blocks
 //! a runtime thread. openraft 0.9.25 awaits each append's report inside its core before it runs
 //! anything else (`RaftCore::append_to_log`), so appends from one core never overlap and a group
 //! is normally one append: it is the proposal batcher (`proposal/batch.rs`) that makes
 //! concurrent writes share an fsync. The same wait makes a leader's fsync and its followers'
 //! round trip serial (see BENCHMARKS.md, "What limits each figure").
+//!
+//! The state machine writes RocksDB without syncing; entries it has applied stay in the log
+//! until a purge, and a purge first writes its purge point synced, which makes every earlier
+//! RocksDB write durable too (one WAL, replayed in order). So no entry is deleted before the
+//! state that includes it is durable.
 
 use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftLogReader};
-use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 
 use super::codec::{self, u64_key};
+use super::log_file::LogFile;
 use super::{cf, cf_handle, to_storage_error, StoreError};
 use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
+/// Space allocated for each log segment up front. Snapshots purge the log every
+/// `--snapshot-count` entries, so a member keeps a few segments at most.
+pub const SEGMENT_BYTES: u64 = 32 << 20;
+
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    log: Arc<LogFile>,
     /// The highest committed index openraft reported; shown in status and metrics.
     committed: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
-    /// Appends waiting for the next WAL sync.
+    /// Appends waiting for the next sync.
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
 }
 
-/// Syncs the WAL once per group of waiting appends and reports each of them. Runs on its own
+/// Syncs the log once per group of waiting appends and reports each of them. Runs on its own
 /// thread (fsync blocks) until every `LogStore` clone is gone.
 fn run_flusher(
-    db: Weak<DB>,
+    log: Weak<LogFile>,
     metrics: Arc<Metrics>,
     waiting: mpsc::Receiver<LogFlushed<TypeConfig>>,
 ) {
     while let Ok(first) = waiting.recv() {
-        // Every append in this group wrote its batch before queueing its callback, so one sync
-        // started now makes all of them durable.
+        // Every append in this group wrote its records before queueing its callback, so one
+        // sync started now makes all of them durable.
         let mut group = vec![first];
         group.extend(waiting.try_iter());
         let start = Instant::now();
-        let result = match db.upgrade() {
-            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
-            None => Err("the database is closed".to_owned()),
+        let result = match log.upgrade() {
+            Some(log) => log.sync().map_err(|e| e.to_string()),
+            None => Err("the log is closed".to_owned()),
         };
         metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
         for callback in group {
@@ -62,25 +76,32 @@ fn run_flusher(
 }
 
 impl LogStore {
-    pub fn new(db: Arc<DB>, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+    /// Opens the log in `log_dir`, with its metadata in `db`. A log still kept in RocksDB (data
+    /// dirs written before the segment files) is moved into them first.
+    pub fn open(db: Arc<DB>, log_dir: &Path, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let last_purged: Option<LogId> = read_meta(&db, codec::LAST_PURGED)?;
+        let log = Arc::new(LogFile::open(
+            log_dir,
+            SEGMENT_BYTES,
+            last_purged.map(|p| p.index),
+        )?);
+        move_rocksdb_log(&db, &log, last_purged)?;
         let (flusher, waiting) = mpsc::channel();
         {
-            let (db, metrics) = (Arc::downgrade(&db), metrics.clone());
+            let (log, metrics) = (Arc::downgrade(&log), metrics.clone());
             std::thread::Builder::new()
                 .name("kord-log-flush".into())
-                .spawn(move || run_flusher(db, metrics, waiting))
+                .spawn(move || run_flusher(log, metrics, waiting))
                 .map_err(|e| StoreError::Thread(e.to_string()))?;
         }
         let store = LogStore {
             db,
+            log,
             committed: Arc::new(AtomicU64::new(0)),
             metrics,
             flusher,
         };
-        if let Some(c) = store
-            .read_meta::<Option<LogId>>(codec::COMMITTED)?
-            .flatten()
-        {
+        if let Some(c) = read_meta::<Option<LogId>>(&store.db, codec::COMMITTED)?.flatten() {
             store.committed.store(c.index, Ordering::Relaxed);
         }
         Ok(store)
@@ -88,17 +109,6 @@ impl LogStore {
 
     pub fn committed_index(&self) -> Arc<AtomicU64> {
         self.committed.clone()
-    }
-
-    fn read_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StoreError> {
-        let cf = cf_handle(&self.db, cf::RAFT_META)?;
-        match self.db.get_pinned_cf(cf, key)? {
-            Some(bytes) => Ok(Some(codec::decode("raft meta", &bytes)?)),
-            None => Ok(None),
-        }
     }
 
     /// Writes a batch and syncs the WAL, recording how long the sync took.
@@ -113,18 +123,71 @@ impl LogStore {
         Ok(())
     }
 
+    fn read_entries(&self, from: u64, to: u64) -> Result<Vec<Entry>, StoreError> {
+        self.log
+            .read(from, to)?
+            .iter()
+            .map(|bytes| codec::decode("log entry", bytes))
+            .collect()
+    }
+
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StoreError> {
-        let cf = cf_handle(&self.db, cf::LOG)?;
-        let mut it = self.db.iterator_cf(cf, IteratorMode::End);
-        match it.next() {
-            Some(item) => {
-                let (_, value) = item?;
-                let entry: Entry = codec::decode("log entry", &value)?;
-                Ok(Some(entry.log_id))
-            }
-            None => Ok(None),
+        let Some((_, last)) = self.log.bounds() else {
+            return Ok(None);
+        };
+        Ok(self
+            .read_entries(last, last + 1)?
+            .pop()
+            .map(|entry| entry.log_id))
+    }
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(db: &DB, key: &[u8]) -> Result<Option<T>, StoreError> {
+    let cf = cf_handle(db, cf::RAFT_META)?;
+    match db.get_pinned_cf(cf, key)? {
+        Some(bytes) => Ok(Some(codec::decode("raft meta", &bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// Moves entries from RocksDB's log column family (where data dirs before the segment files
+/// kept them) into the segment files, synced, then deletes them there, synced. Idempotent: a
+/// crash between the two steps finds the entries in both and copies none twice.
+fn move_rocksdb_log(db: &DB, log: &LogFile, last_purged: Option<LogId>) -> Result<(), StoreError> {
+    let cf = cf_handle(db, cf::LOG)?;
+    let mut records = Vec::new();
+    let next_in_files = log.bounds().map(|(_, last)| last + 1);
+    for item in db.iterator_cf(cf, IteratorMode::Start) {
+        let (key, value) = item?;
+        let Some(index) = codec::key_u64(&key) else {
+            continue;
+        };
+        let purged = last_purged.is_some_and(|p| index <= p.index);
+        let already_moved = next_in_files.is_some_and(|next| index < next);
+        if !purged && !already_moved {
+            records.push((index, value.to_vec()));
         }
     }
+    let in_rocksdb = db
+        .iterator_cf(cf, IteratorMode::Start)
+        .next()
+        .transpose()?
+        .is_some();
+    if !in_rocksdb {
+        return Ok(());
+    }
+    tracing::info!(
+        entries = records.len(),
+        "moving the raft log from RocksDB into segment files"
+    );
+    log.append(&records)?;
+    log.sync()?;
+    let mut batch = WriteBatch::default();
+    batch.delete_range_cf(cf, u64_key(0), u64_key(u64::MAX));
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts)?;
+    Ok(())
 }
 
 fn log_err(verb: ErrorVerb) -> impl FnOnce(StoreError) -> StorageError {
@@ -136,31 +199,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let read = || -> Result<Vec<Entry>, StoreError> {
-            let start = match range.start_bound() {
-                std::ops::Bound::Included(i) => *i,
-                std::ops::Bound::Excluded(i) => *i + 1,
-                std::ops::Bound::Unbounded => 0,
-            };
-            let cf = cf_handle(&self.db, cf::LOG)?;
-            let mut entries = Vec::new();
-            let key = u64_key(start);
-            for item in self
-                .db
-                .iterator_cf(cf, IteratorMode::From(&key, Direction::Forward))
-            {
-                let (key, value) = item?;
-                let Some(index) = codec::key_u64(&key) else {
-                    break;
-                };
-                if !range.contains(&index) {
-                    break;
-                }
-                entries.push(codec::decode("log entry", &value)?);
-            }
-            Ok(entries)
+        let from = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
         };
-        read().map_err(log_err(ErrorVerb::Read))
+        let to = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.read_entries(from, to)
+            .map_err(log_err(ErrorVerb::Read))
     }
 }
 
@@ -169,7 +219,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let read = || -> Result<LogState<TypeConfig>, StoreError> {
-            let last_purged: Option<LogId> = self.read_meta(codec::LAST_PURGED)?;
+            let last_purged: Option<LogId> = read_meta(&self.db, codec::LAST_PURGED)?;
             let last = self.last_entry_log_id()?.or(last_purged);
             Ok(LogState {
                 last_purged_log_id: last_purged,
@@ -197,7 +247,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.read_meta(codec::VOTE)
+        read_meta(&self.db, codec::VOTE)
             .map_err(|e| to_storage_error(ErrorSubject::Vote, ErrorVerb::Read, e))
     }
 
@@ -217,8 +267,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
-            .read_meta::<Option<LogId>>(codec::COMMITTED)
+        Ok(read_meta::<Option<LogId>>(&self.db, codec::COMMITTED)
             .map_err(log_err(ErrorVerb::Read))?
             .flatten())
     }
@@ -232,20 +281,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let write = || -> Result<(), StoreError> {
-            let cf = cf_handle(&self.db, cf::LOG)?;
-            let mut batch = WriteBatch::default();
-            for entry in entries {
-                batch.put_cf(cf, u64_key(entry.get_log_id().index), codec::encode(&entry));
-            }
-            // Readable at once; durable when the flusher's next sync completes.
-            self.db.write_opt(batch, &WriteOptions::default())?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let io = std::io::Error::other(e.to_string());
+        let records: Vec<(u64, Vec<u8>)> = entries
+            .into_iter()
+            .map(|entry| (entry.get_log_id().index, codec::encode(&entry)))
+            .collect();
+        // Readable at once; durable when the flusher's next sync completes.
+        if let Err(e) = self.log.append(&records) {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-            return Err(to_storage_error(ErrorSubject::Logs, ErrorVerb::Write, io));
+            return Err(to_storage_error(ErrorSubject::Logs, ErrorVerb::Write, e));
         }
         if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
             // The flusher only stops when every store is gone; report rather than hang.
@@ -255,16 +298,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let write = || -> Result<(), StoreError> {
-            let mut batch = WriteBatch::default();
-            batch.delete_range_cf(
-                cf_handle(&self.db, cf::LOG)?,
-                u64_key(log_id.index),
-                u64_key(u64::MAX),
-            );
-            self.write_synced(batch)
-        };
-        write().map_err(log_err(ErrorVerb::Delete))
+        self.log
+            .truncate(log_id.index)
+            .map_err(|e| to_storage_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -275,14 +311,73 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 codec::LAST_PURGED,
                 codec::encode(&log_id),
             );
-            batch.delete_range_cf(
-                cf_handle(&self.db, cf::LOG)?,
-                u64_key(0),
-                u64_key(log_id.index + 1),
-            );
-            // Synced: a purge must never be durable while the state it relies on is not.
-            self.write_synced(batch)
+            // Synced before any entry goes: this also makes durable every state-machine write
+            // before it, so the state that includes the purged entries survives a crash.
+            self.write_synced(batch)?;
+            self.log.purge(log_id.index)?;
+            Ok(())
         };
         write().map_err(log_err(ErrorVerb::Delete))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::storage::open_db;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_kept_in_rocksdb_is_moved_into_segment_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db")).unwrap();
+        // A data dir from before the segment files: entries 1..=9 in the log column family,
+        // 1..=3 purged.
+        let cf = cf_handle(&db, cf::LOG).unwrap();
+        for index in 1..=9 {
+            db.put_cf(cf, u64_key(index), codec::encode(&entry(2, index)))
+                .unwrap();
+        }
+        let purged = entry(2, 3).log_id;
+        db.put_cf(
+            cf_handle(&db, cf::RAFT_META).unwrap(),
+            codec::LAST_PURGED,
+            codec::encode(&purged),
+        )
+        .unwrap();
+
+        let log_dir = dir.path().join("raft-log");
+        let metrics = Arc::new(Metrics::new());
+        let mut store = LogStore::open(db.clone(), &log_dir, metrics.clone()).unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(purged));
+        assert_eq!(state.last_log_id, Some(entry(2, 9).log_id));
+        let ids: Vec<u64> = store
+            .try_get_log_entries(0..100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(ids, (4..=9).collect::<Vec<_>>());
+        assert!(
+            db.iterator_cf(cf, IteratorMode::Start).next().is_none(),
+            "the column family is emptied"
+        );
+        drop(store);
+
+        // Opening again finds them in the files only, once.
+        let mut store = LogStore::open(db, &log_dir, metrics).unwrap();
+        let entries = store.try_get_log_entries(4..=9).await.unwrap();
+        assert_eq!(entries.len(), 6);
+        assert_eq!(entries[5].log_id, entry(2, 9).log_id);
     }
 }
