@@ -5,9 +5,11 @@
 //! the batch limits). A lone command never waits: with nothing in flight it goes at once, so
 //! batching adds no latency when idle and amortizes the per-entry cost (Raft bookkeeping, log
 //! append, fsync, replication message, apply call) when busy, as etcd and ZooKeeper do.
-//! Entries are handed to Raft in arrival order by one task.
+//! Entries are handed to Raft in arrival order by one task. One exception to "never waits":
+//! commands that keep arriving in pairs at an idle leader are put in one entry ([`Pairing`]).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -57,9 +59,75 @@ impl Batcher {
     }
 }
 
+/// How long an idle batcher waits for a second command when commands have been arriving in
+/// pairs (see [`Pairing`]). Well under one fsync, which is what a pair split over two entries
+/// costs.
+const PAIR_WAIT: Duration = Duration::from_micros(60);
+
+/// Notices commands that arrive in pairs at an idle leader — the next lock holder's unlock
+/// and the last holder's new claim, both sent on the same applied release — which would
+/// otherwise go in two entries, one fsync (and replication round) after the other. After one
+/// such near miss, an idle batcher holds its first command up to [`PAIR_WAIT`] for a partner,
+/// and stops as soon as none comes or entries fill up on their own. A lone client never
+/// arrives within that window of its own previous entry (a write's round trip includes an
+/// fsync), so it never waits.
+#[derive(Debug, Default)]
+struct Pairing {
+    /// When the last entry of a single command was proposed.
+    single_proposed: Option<Instant>,
+    /// Whether an idle batcher waits for a partner.
+    wait: bool,
+}
+
+impl Pairing {
+    /// Called with the command that starts an entry; returns whether to wait for a partner.
+    fn on_first(&mut self, now: Instant, idle: bool) -> bool {
+        let near_miss = self
+            .single_proposed
+            .take()
+            .is_some_and(|t| now.duration_since(t) < PAIR_WAIT);
+        if near_miss {
+            // This command is the partner that just missed its entry: it goes at once, and
+            // the next pair waits.
+            self.wait = true;
+            return false;
+        }
+        self.wait && idle
+    }
+
+    fn on_proposed(&mut self, now: Instant, commands: usize, waited_in_vain: bool) {
+        // Under load entries fill up while others are in flight: no need to wait.
+        if waited_in_vain || commands > 2 {
+            self.wait = false;
+        }
+        self.single_proposed = (commands == 1).then_some(now);
+    }
+}
+
+/// Yields until a command is queued or `until` passes (tokio's timers tick in milliseconds,
+/// far coarser than the wait). Returns whether one came.
+async fn wait_for_partner(rx: &mpsc::UnboundedReceiver<Pending>, until: Instant) -> bool {
+    loop {
+        if !rx.is_empty() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn run(id: NodeId, raft: Raft, limits: Batching, mut rx: mpsc::UnboundedReceiver<Pending>) {
-    let in_flight = Arc::new(Semaphore::new(limits.in_flight.max(1)));
+    let slots = limits.in_flight.max(1);
+    let in_flight = Arc::new(Semaphore::new(slots));
+    let mut pairing = Pairing::default();
     while let Some(first) = rx.recv().await {
+        let idle = in_flight.available_permits() == slots;
+        let mut waited_in_vain = false;
+        if pairing.on_first(Instant::now(), idle) {
+            waited_in_vain = !wait_for_partner(&rx, Instant::now() + PAIR_WAIT).await;
+        }
         // Waiting here is what forms batches: commands arriving meanwhile join this one.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
@@ -85,6 +153,7 @@ async fn run(id: NodeId, raft: Raft, limits: Batching, mut rx: mpsc::UnboundedRe
             replies.push(reply);
         }
         let count = commands.len();
+        pairing.on_proposed(Instant::now(), count, waited_in_vain);
         match raft.client_write_ff(Proposal { commands }).await {
             Ok(applied) => {
                 tokio::spawn(async move {
@@ -136,5 +205,64 @@ fn write_error(id: NodeId, e: ClientWriteError<NodeId, crate::raft::KordNode>) -
 fn fail_all(replies: Vec<oneshot::Sender<ForwardReply>>, e: ProposeError) {
     for reply in replies {
         let _ = reply.send(Err(e.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn a_near_miss_makes_the_next_pair_share_an_entry() {
+        let t0 = Instant::now();
+        let mut p = Pairing::default();
+        // A claim goes alone; the unlock arrives 20 µs later: a near miss, which goes at once.
+        assert!(!p.on_first(t0, true));
+        p.on_proposed(t0, 1, false);
+        assert!(!p.on_first(t0 + 20 * US, false));
+        p.on_proposed(t0 + 20 * US, 1, false);
+        // The next pair waits, when idle, and keeps waiting while partners come.
+        let t1 = t0 + 1000 * US;
+        assert!(p.on_first(t1, true));
+        p.on_proposed(t1 + 15 * US, 2, false);
+        assert!(p.on_first(t1 + 900 * US, true));
+        // A busy batcher forms batches anyway: no waiting there.
+        assert!(!p.on_first(t1 + 950 * US, false));
+    }
+
+    #[test]
+    fn waiting_stops_when_no_partner_comes_or_entries_fill_up() {
+        let t0 = Instant::now();
+        let mut p = Pairing {
+            single_proposed: None,
+            wait: true,
+        };
+        assert!(p.on_first(t0, true));
+        p.on_proposed(t0 + PAIR_WAIT, 1, true);
+        assert!(!p.on_first(t0 + PAIR_WAIT * 10, true), "waited in vain");
+
+        let mut p = Pairing {
+            single_proposed: None,
+            wait: true,
+        };
+        p.on_proposed(t0, 40, false);
+        assert!(
+            !p.on_first(t0 + PAIR_WAIT * 10, true),
+            "entries fill up on their own"
+        );
+    }
+
+    #[test]
+    fn a_lone_client_never_waits() {
+        // One write at a time: the next arrives after a round trip with an fsync in it.
+        let mut p = Pairing::default();
+        let mut t = Instant::now();
+        for _ in 0..100 {
+            assert!(!p.on_first(t, true));
+            p.on_proposed(t, 1, false);
+            t += 300 * US;
+        }
     }
 }
