@@ -24,7 +24,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 
 const HEADER: usize = 16;
@@ -88,9 +88,9 @@ struct Inner {
     purged: Option<u64>,
     /// The next segment, being made ahead of time by a helper thread so that rolling over
     /// changes no filesystem metadata on the write path.
-    spare: Option<mpsc::Receiver<Result<Segment, LogFileError>>>,
+    spare: Option<JoinHandle<Result<Segment, LogFileError>>>,
     next_seq: u64,
-    /// Helper threads (spare segments, deleting purged segments), joined on drop.
+    /// Helper threads deleting purged segments, joined on drop.
     helpers: Vec<JoinHandle<()>>,
 }
 
@@ -132,7 +132,10 @@ impl Inner {
 pub struct LogFile {
     dir: PathBuf,
     segment_bytes: u64,
-    inner: Mutex<Inner>,
+    /// Readers share it for the whole read, so a truncation (which zeroes records) or an append
+    /// never changes bytes under a read: a read sees the log before or after, as with RocksDB's
+    /// iterators.
+    inner: RwLock<Inner>,
 }
 
 impl LogFile {
@@ -220,7 +223,7 @@ impl LogFile {
         let log = LogFile {
             dir: dir.to_owned(),
             segment_bytes,
-            inner: Mutex::new(Inner {
+            inner: RwLock::new(Inner {
                 segments,
                 purged,
                 spare: None,
@@ -244,14 +247,18 @@ impl LogFile {
         Ok(log)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> RwLockWriteGuard<'_, Inner> {
         // A panic while holding the lock leaves the log as consistent as a crash would.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The first and last readable index, if any record is readable.
     pub fn bounds(&self) -> Option<(u64, u64)> {
-        let inner = self.lock();
+        let inner = self.read_lock();
         Some((inner.first()?, inner.last()?))
     }
 
@@ -317,7 +324,7 @@ impl LogFile {
     pub fn sync(&self) -> Result<(), LogFileError> {
         // Earlier segments were synced when the log rolled over to the active one.
         let (file, path) = {
-            let inner = self.lock();
+            let inner = self.read_lock();
             (inner.active().file.clone(), inner.active().path.clone())
         };
         file.sync_data().map_err(io_err(&path))
@@ -325,54 +332,40 @@ impl LogFile {
 
     /// Payloads of the records with index in `from..to`, stopping at the end of the log.
     pub fn read(&self, from: u64, to: u64) -> Result<Vec<Vec<u8>>, LogFileError> {
-        // Where to read is decided under the lock; reading happens outside it, so a follower
-        // catching up does not stall appends. Open handles keep purged segments readable.
-        let mut spans: Vec<(Arc<File>, PathBuf, u64, u64, u64)> = Vec::new();
-        {
-            let inner = self.lock();
-            let Some(first) = inner.first() else {
-                return Ok(Vec::new());
-            };
-            let end = to.min(inner.active().next_index());
-            let mut index = from.max(first);
-            while index < end {
-                let Some(seg) = inner.segment_of(index) else {
-                    break;
-                };
-                let upto = end.min(seg.next_index());
-                let (start, _) = seg.span(index);
-                let (_, stop) = seg.span(upto - 1);
-                spans.push((seg.file.clone(), seg.path.clone(), index, start, stop));
-                index = upto;
-            }
-        }
+        let inner = self.read_lock();
+        let Some(first) = inner.first() else {
+            return Ok(Vec::new());
+        };
+        let end = to.min(inner.active().next_index());
+        let mut index = from.max(first);
         let mut out = Vec::new();
-        for (file, path, mut index, start, stop) in spans {
+        while index < end {
+            let Some(seg) = inner.segment_of(index) else {
+                break;
+            };
+            let upto = end.min(seg.next_index());
+            let (start, _) = seg.span(index);
+            let (_, stop) = seg.span(upto - 1);
             let mut bytes = vec![0u8; (stop - start) as usize];
-            file.read_exact_at(&mut bytes, start)
-                .map_err(io_err(&path))?;
+            seg.file
+                .read_exact_at(&mut bytes, start)
+                .map_err(io_err(&seg.path))?;
             let mut at = 0usize;
             while at < bytes.len() {
-                let (len, payload) = match decode_record(&bytes[at..], Some(index)) {
-                    Ok(Some((len, _, payload))) => (len, payload),
-                    Ok(None) => {
-                        return Err(LogFileError::Corrupt {
-                            path,
-                            offset: start + at as u64,
-                            what: format!("record {index} is missing"),
-                        })
-                    }
-                    Err(what) => {
-                        return Err(LogFileError::Corrupt {
-                            path,
-                            offset: start + at as u64,
-                            what,
-                        })
-                    }
+                let corrupt = |what: String| LogFileError::Corrupt {
+                    path: seg.path.clone(),
+                    offset: start + at as u64,
+                    what,
                 };
-                out.push(payload.to_vec());
-                at += len;
-                index += 1;
+                match decode_record(&bytes[at..], Some(index)) {
+                    Ok(Some((len, _, payload))) => {
+                        out.push(payload.to_vec());
+                        at += len;
+                        index += 1;
+                    }
+                    Ok(None) => return Err(corrupt(format!("record {index} is missing"))),
+                    Err(what) => return Err(corrupt(what)),
+                }
             }
         }
         Ok(out)
@@ -463,21 +456,14 @@ impl LogFile {
 
     /// Starts making the next segment on a helper thread.
     fn prepare_spare(&self, inner: &mut Inner) {
-        let (tx, rx) = mpsc::channel();
         let (dir, seq, capacity) = (self.dir.clone(), inner.next_seq, self.segment_bytes);
         inner.next_seq += 1;
-        inner.helpers.retain(|h| !h.is_finished());
+        // The index is set when the segment becomes the active one.
         let spawned = std::thread::Builder::new()
             .name("kord-log-segment".into())
-            .spawn(move || {
-                // The index is set when the segment becomes the active one.
-                let _ = tx.send(create_segment(&dir, seq, 0, capacity));
-            });
+            .spawn(move || create_segment(&dir, seq, 0, capacity));
         match spawned {
-            Ok(handle) => {
-                inner.helpers.push(handle);
-                inner.spare = Some(rx);
-            }
+            Ok(handle) => inner.spare = Some(handle),
             // Rolling over makes the segment itself then.
             Err(e) => tracing::warn!(error = %e, "starting the raft log's segment thread"),
         }
@@ -493,7 +479,7 @@ impl LogFile {
     ) -> Result<(), LogFileError> {
         let active = inner.active();
         active.file.sync_data().map_err(io_err(&active.path))?;
-        let spare = match inner.spare.take().map(|rx| rx.recv()) {
+        let spare = match inner.spare.take().map(JoinHandle::join) {
             Some(Ok(Ok(seg))) if seg.capacity >= need => Some(seg),
             Some(Ok(Ok(seg))) => {
                 fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
@@ -521,8 +507,11 @@ impl LogFile {
 
 impl Drop for LogFile {
     fn drop(&mut self) {
-        let helpers = std::mem::take(&mut self.lock().helpers);
-        for helper in helpers {
+        let mut inner = self.lock();
+        if let Some(spare) = inner.spare.take() {
+            let _ = spare.join();
+        }
+        for helper in std::mem::take(&mut inner.helpers) {
             let _ = helper.join();
         }
     }
