@@ -93,6 +93,12 @@ pub struct Args {
     #[arg(long, env = "KORD_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
 
+    /// Bytes allocated for each Raft log segment file up front; a member keeps at least two
+    /// (the one being written and the next). Smaller suits small volumes, at one extra
+    /// segment switch per this many bytes written.
+    #[arg(long, env = "KORD_LOG_SEGMENT_SIZE", default_value_t = crate::storage::log_store::SEGMENT_BYTES)]
+    pub log_segment_size: u64,
+
     /// Log entries kept behind a snapshot so slow followers can catch up without one.
     #[arg(long, env = "KORD_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5_000)]
     pub snapshot_catchup_entries: u64,
@@ -197,6 +203,7 @@ pub struct Config {
     pub election_timeout: Duration,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
+    pub log_segment_size: u64,
     pub batching: crate::proposal::Batching,
     pub reap_interval: Duration,
     pub watch_progress_interval: Duration,
@@ -242,6 +249,7 @@ impl Args {
         }
         for (flag, value, min) in [
             ("snapshot-count", self.snapshot_count, 1),
+            ("log-segment-size", self.log_segment_size, 1 << 20),
             ("proposal-batch", self.proposal_batch as u64, 1),
             ("proposals-in-flight", self.proposals_in_flight as u64, 1),
             ("max-value-size", self.max_value_size as u64, 1),
@@ -314,6 +322,7 @@ impl Args {
             election_timeout: self.election_timeout,
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
+            log_segment_size: self.log_segment_size,
             batching: crate::proposal::Batching {
                 max_commands: self.proposal_batch,
                 // A batch stops growing past this size; a single larger command goes alone.
@@ -439,6 +448,16 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn log_segment_size_has_a_default_and_a_floor() {
+        assert_eq!(args(&[]).validate().unwrap().log_segment_size, 32 << 20);
+        let c = args(&["--log-segment-size", "4194304"]).validate().unwrap();
+        assert_eq!(c.log_segment_size, 4 << 20);
+        let err = args(&["--log-segment-size", "4096"]).validate().unwrap_err();
+        assert!(err.to_string().contains("log-segment-size"), "{err}");
+        assert!(err.to_string().contains("1048576"), "{err}");
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub async fn run(
     let log_store = LogStore::open(
         db.clone(),
         &config.data_dir.join("raft-log"),
+        config.log_segment_size,
         metrics.clone(),
     )?;
     let committed = log_store.committed_index();

@@ -16,8 +16,14 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RocksBui
         let dir = TempDir::new().expect("temp dir");
         let metrics = Arc::new(Metrics::new());
         let db = open_db(&dir.path().join("db")).expect("open rocksdb");
-        let log = LogStore::open(db.clone(), &dir.path().join("raft-log"), metrics.clone())
-            .expect("log store");
+        // 4 KiB segments, so the suite's appends, truncations and purges cross segment files.
+        let log = LogStore::open(
+            db.clone(),
+            &dir.path().join("raft-log"),
+            4096,
+            metrics.clone(),
+        )
+        .expect("log store");
         let sm = StateMachineStore::open(db, dir.path(), metrics).expect("state machine");
         Ok((dir, log, sm))
     }

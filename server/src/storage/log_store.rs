@@ -32,8 +32,9 @@ use super::{cf, cf_handle, to_storage_error, StoreError};
 use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
-/// Space allocated for each log segment up front. Snapshots purge the log every
-/// `--snapshot-count` entries, so a member keeps a few segments at most.
+/// Space allocated for each log segment up front, unless `--log-segment-size` says otherwise.
+/// Snapshots purge the log every `--snapshot-count` entries, so a member keeps a few segments
+/// at most.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 
 #[derive(Clone)]
@@ -78,11 +79,16 @@ fn run_flusher(
 impl LogStore {
     /// Opens the log in `log_dir`, with its metadata in `db`. A log still kept in RocksDB (data
     /// dirs written before the segment files) is moved into them first.
-    pub fn open(db: Arc<DB>, log_dir: &Path, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+    pub fn open(
+        db: Arc<DB>,
+        log_dir: &Path,
+        segment_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let last_purged: Option<LogId> = read_meta(&db, codec::LAST_PURGED)?;
         let log = Arc::new(LogFile::open(
             log_dir,
-            SEGMENT_BYTES,
+            segment_bytes,
             last_purged.map(|p| p.index),
         )?);
         move_rocksdb_log(&db, &log, last_purged)?;
@@ -356,7 +362,8 @@ mod tests {
 
         let log_dir = dir.path().join("raft-log");
         let metrics = Arc::new(Metrics::new());
-        let mut store = LogStore::open(db.clone(), &log_dir, metrics.clone()).unwrap();
+        let mut store =
+            LogStore::open(db.clone(), &log_dir, SEGMENT_BYTES, metrics.clone()).unwrap();
         let state = store.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(purged));
         assert_eq!(state.last_log_id, Some(entry(2, 9).log_id));
@@ -375,7 +382,7 @@ mod tests {
         drop(store);
 
         // Opening again finds them in the files only, once.
-        let mut store = LogStore::open(db, &log_dir, metrics).unwrap();
+        let mut store = LogStore::open(db, &log_dir, SEGMENT_BYTES, metrics).unwrap();
         let entries = store.try_get_log_entries(4..=9).await.unwrap();
         assert_eq!(entries.len(), 6);
         assert_eq!(entries[5].log_id, entry(2, 9).log_id);
