@@ -455,7 +455,9 @@ mod tests {
         assert_eq!(args(&[]).validate().unwrap().log_segment_size, 32 << 20);
         let c = args(&["--log-segment-size", "4194304"]).validate().unwrap();
         assert_eq!(c.log_segment_size, 4 << 20);
-        let err = args(&["--log-segment-size", "4096"]).validate().unwrap_err();
+        let err = args(&["--log-segment-size", "4096"])
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("log-segment-size"), "{err}");
         assert!(err.to_string().contains("1048576"), "{err}");
     }

@@ -129,9 +129,13 @@ impl Inner {
 /// truncations and purges are durable when they return.
 ///
 /// [`sync`]: LogFile::sync
+/// Makes the purge point durable; run before purged segments are deleted.
+pub type BeforeDelete = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 pub struct LogFile {
     dir: PathBuf,
     segment_bytes: u64,
+    before_delete: BeforeDelete,
     /// Readers share it for the whole read, so a truncation (which zeroes records) or an append
     /// never changes bytes under a read: a read sees the log before or after, as with RocksDB's
     /// iterators.
@@ -223,6 +227,7 @@ impl LogFile {
         let log = LogFile {
             dir: dir.to_owned(),
             segment_bytes,
+            before_delete: Arc::new(|| Ok(())),
             inner: RwLock::new(Inner {
                 segments,
                 purged,
@@ -245,6 +250,14 @@ impl LogFile {
             log.delete_purged_segments(&mut inner, false)?;
         }
         Ok(log)
+    }
+
+    /// Runs `hook` on the helper thread before it deletes purged segments, and deletes none if
+    /// it fails: the caller records its purge point without waiting for a sync, and the hook
+    /// makes it durable (off the write path) before anything depends on it.
+    pub fn with_before_delete(mut self, hook: BeforeDelete) -> Self {
+        self.before_delete = hook;
+        self
     }
 
     fn lock(&self) -> RwLockWriteGuard<'_, Inner> {
@@ -398,9 +411,9 @@ impl LogFile {
         Ok(())
     }
 
-    /// Forgets every record at or below `upto` and deletes the segments that hold nothing
-    /// else. The caller must have made the purge point durable first: recovery skips records
-    /// at or below it, and deletes leftover purged segments.
+    /// Forgets every record at or below `upto` and deletes the segments that hold nothing else,
+    /// on a helper thread, once the before-delete hook has made the purge point durable:
+    /// recovery skips records at or below it, and deletes leftover purged segments.
     pub fn purge(&self, upto: u64) -> Result<(), LogFileError> {
         let mut inner = self.lock();
         if inner.purged.is_some_and(|p| p >= upto) {
@@ -411,8 +424,8 @@ impl LogFile {
     }
 
     /// Drops the segments that hold only purged records, deleting their files on a helper
-    /// thread if `in_background` (unlinking a large file commits the filesystem journal, which
-    /// can wait behind other files' writeback).
+    /// thread if `in_background` (a sync, and unlinking a large file, which commits the
+    /// filesystem journal, can wait behind other files' writeback).
     fn delete_purged_segments(
         &self,
         inner: &mut Inner,
@@ -431,7 +444,11 @@ impl LogFile {
             return Ok(());
         }
         let dir = self.dir.clone();
+        let before_delete = self.before_delete.clone();
         let delete = move || -> Result<(), LogFileError> {
+            before_delete().map_err(|e| {
+                LogFileError::Misuse(format!("making the purge point durable: {e}"))
+            })?;
             for path in &paths {
                 fs::remove_file(path).map_err(io_err(path))?;
             }

@@ -11,9 +11,9 @@
 //! round trip serial (see BENCHMARKS.md, "What limits each figure").
 //!
 //! The state machine writes RocksDB without syncing; entries it has applied stay in the log
-//! until a purge, and a purge first writes its purge point synced, which makes every earlier
-//! RocksDB write durable too (one WAL, replayed in order). So no entry is deleted before the
-//! state that includes it is durable.
+//! until a purge, and a purged segment is deleted only after RocksDB's WAL was synced, which
+//! makes the purge point and every earlier state-machine write durable (one WAL, replayed in
+//! order). So no entry is deleted before the state that includes it is durable.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -86,11 +86,17 @@ impl LogStore {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
         let last_purged: Option<LogId> = read_meta(&db, codec::LAST_PURGED)?;
-        let log = Arc::new(LogFile::open(
-            log_dir,
-            segment_bytes,
-            last_purged.map(|p| p.index),
-        )?);
+        // A purge writes its purge point without syncing; RocksDB's WAL is synced before any
+        // purged segment is deleted, which also makes every state-machine write before it
+        // durable (one WAL, replayed in order).
+        let before_delete = {
+            let db = db.clone();
+            Arc::new(move || db.flush_wal(true).map_err(|e| e.to_string()))
+        };
+        let log = Arc::new(
+            LogFile::open(log_dir, segment_bytes, last_purged.map(|p| p.index))?
+                .with_before_delete(before_delete),
+        );
         move_rocksdb_log(&db, &log, last_purged)?;
         let (flusher, waiting) = mpsc::channel();
         {
@@ -317,9 +323,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 codec::LAST_PURGED,
                 codec::encode(&log_id),
             );
-            // Synced before any entry goes: this also makes durable every state-machine write
-            // before it, so the state that includes the purged entries survives a crash.
-            self.write_synced(batch)?;
+            // Not synced here, where it would hold up Raft's core: the log syncs RocksDB's WAL
+            // before it deletes a purged segment (see `open`). Until then a crash finds the
+            // older purge point and the entries still there.
+            self.db.write(batch)?;
             self.log.purge(log_id.index)?;
             Ok(())
         };

@@ -2,8 +2,8 @@
 //! [`log_store`]); everything else lives in one RocksDB database with one write-ahead log and
 //! several column families: the Raft metadata (vote, commit and purge points) and the state
 //! machine ([`state_machine`]). They share the database on purpose: RocksDB replays its single
-//! WAL in order, so once a synced metadata write (a vote or a purge) is durable, every
-//! state-machine batch written before it is durable too.
+//! WAL in order, so once the WAL is synced (for a vote, or before purged log segments are
+//! deleted), every state-machine batch written before it is durable too.
 
 pub mod codec;
 pub mod events;

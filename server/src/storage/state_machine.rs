@@ -183,8 +183,8 @@ impl StateMachineStore {
                 codec::encode(&applied.membership),
             );
         }
-        // Not synced: the committed log entries are durable, and the purge that deletes them
-        // first writes synced, which makes this batch durable too (one WAL, replayed in order).
+        // Not synced: the committed log entries are durable, and their segment is deleted only
+        // after a WAL sync, which makes this batch durable too (one WAL, replayed in order).
         self.db.write_opt(batch, &WriteOptions::default())?;
         let revision = applied.revision;
         drop(guard);

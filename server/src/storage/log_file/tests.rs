@@ -342,3 +342,50 @@ fn reads_never_see_a_truncation_half_done() {
     let reads = reader.join().expect("the reader saw no error");
     assert!(reads > 0);
 }
+
+#[test]
+fn purged_segments_go_only_after_the_purge_point_is_made_durable() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let fail = Arc::new(AtomicBool::new(true));
+    let hook: BeforeDelete = {
+        let (calls, fail) = (calls.clone(), fail.clone());
+        Arc::new(move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if fail.load(Ordering::SeqCst) {
+                Err("sync failed".into())
+            } else {
+                Ok(())
+            }
+        })
+    };
+    let log = LogFile::open(dir.path(), SMALL, None)
+        .unwrap()
+        .with_before_delete(hook.clone());
+    append_each(&log, 1, 101, 200);
+    log.sync().unwrap();
+    let before = segment_files(dir.path()).len();
+
+    // The hook fails: the records are forgotten, the files stay.
+    log.purge(50).unwrap();
+    assert_eq!(log.bounds(), Some((51, 100)));
+    drop(log); // joins the helper
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(segment_files(dir.path()).len(), before);
+
+    // A restart that finds the older purge point (it was never made durable) finds every
+    // record still there.
+    let log = LogFile::open(dir.path(), SMALL, None)
+        .unwrap()
+        .with_before_delete(hook);
+    assert_eq!(log.bounds(), Some((1, 100)));
+    fail.store(false, Ordering::SeqCst);
+    log.purge(50).unwrap();
+    drop(log);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(segment_files(dir.path()).len() < before);
+    let log = LogFile::open(dir.path(), SMALL, Some(50)).unwrap();
+    assert_eq!(log.bounds(), Some((51, 100)));
+    assert_reads(&log, 51, 101, 200);
+}
