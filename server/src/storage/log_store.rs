@@ -85,6 +85,9 @@ impl LogStore {
         segment_bytes: u64,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
+        // The purge point may have been recovered from the WAL's unsynced tail (still in the
+        // page cache after a process crash): sync it before the log deletes anything by it.
+        db.flush_wal(true)?;
         let last_purged: Option<LogId> = read_meta(&db, codec::LAST_PURGED)?;
         // A purge writes its purge point without syncing; RocksDB's WAL is synced before any
         // purged segment is deleted, which also makes every state-machine write before it
