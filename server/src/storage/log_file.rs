@@ -197,8 +197,11 @@ impl LogFile {
                 // later, shorter record cannot leave an older one readable behind it.
                 if let Some(dirty_end) = recovered.dirty_end {
                     zero_range(&seg.file, &seg.path, seg.write_offset(), dirty_end)?;
-                    seg.file.sync_data().map_err(io_err(&seg.path))?;
                 }
+                // After a process crash the page cache may still hold records that were never
+                // synced; this member is about to count them as its log (and a follower to
+                // acknowledge them), so they must be on disk first.
+                seg.file.sync_data().map_err(io_err(&seg.path))?;
             }
             if seg.ends.is_empty() {
                 seg.first_index = segments
