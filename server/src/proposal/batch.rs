@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::ClientWriteError;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use openraft::raft::ClientWriteResult;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{now_ms, ForwardReply, ProposeError};
-use crate::raft::{NodeId, Raft};
+use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::state::{Command, Proposal};
 
 /// Batch limits, from the configuration.
@@ -31,7 +32,98 @@ pub struct Batching {
 
 struct Pending {
     cmd: Command,
-    reply: oneshot::Sender<ForwardReply>,
+    reply: oneshot::Sender<Delivery>,
+}
+
+/// What a caller of [`Batcher::propose`] receives: its result, or, as the first command of an
+/// entry, the entry to finish.
+enum Delivery {
+    Done(ForwardReply),
+    Finish(EntryFinisher),
+}
+
+/// One entry in flight: Raft's answer and the other callers waiting on it. The entry's first
+/// caller awaits Raft's answer itself and hands out the others' results, so that the answer
+/// wakes a caller directly rather than a task in between (one wake-up less per write).
+/// Dropped unfinished — that caller gave up — it finishes on a task of its own.
+struct EntryFinisher {
+    parts: Option<EntryParts>,
+}
+
+struct EntryParts {
+    id: NodeId,
+    /// Raft's answer (openraft's default responder is a tokio oneshot channel).
+    applied: oneshot::Receiver<ClientWriteResult<TypeConfig>>,
+    others: Vec<oneshot::Sender<Delivery>>,
+    /// The entry's in-flight slot, freed when Raft answers.
+    permit: OwnedSemaphorePermit,
+}
+
+impl EntryFinisher {
+    async fn finish(mut self) -> ForwardReply {
+        let parts = self.parts.as_mut().expect("an unfinished entry");
+        let result = (&mut parts.applied).await;
+        let parts = self.parts.take().expect("an unfinished entry");
+        parts.deliver(result)
+    }
+}
+
+impl Drop for EntryFinisher {
+    fn drop(&mut self) {
+        let Some(mut parts) = self.parts.take() else {
+            return;
+        };
+        // Without a runtime (it is shutting down) nobody is left to answer.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let result = (&mut parts.applied).await;
+                // The first caller's own result has nobody left to take it.
+                let _ = parts.deliver(result);
+            });
+        }
+    }
+}
+
+impl EntryParts {
+    /// Hands the other callers their results and returns the first caller's.
+    fn deliver(
+        self,
+        result: Result<ClientWriteResult<TypeConfig>, oneshot::error::RecvError>,
+    ) -> ForwardReply {
+        let EntryParts {
+            id, others, permit, ..
+        } = self;
+        drop(permit);
+        let outputs = match result {
+            Ok(Ok(response)) => response.data,
+            Ok(Err(e)) => return fail_others(others, write_error(id, e)),
+            Err(_) => {
+                let e = ProposeError::Stopped("raft dropped the proposal".into());
+                return fail_others(others, e);
+            }
+        };
+        if outputs.len() != others.len() + 1 {
+            // Apply returns one output per command; anything else is a bug.
+            let e = ProposeError::Stopped(format!(
+                "apply returned {} outputs for {} commands",
+                outputs.len(),
+                others.len() + 1
+            ));
+            return fail_others(others, e);
+        }
+        let mut outputs = outputs.into_iter();
+        let own = outputs.next().expect("one output per command");
+        for (reply, out) in others.into_iter().zip(outputs) {
+            let _ = reply.send(Delivery::Done(Ok(out)));
+        }
+        Ok(own)
+    }
+}
+
+/// Fails the other callers with `e` and returns it for the first.
+fn fail_others(others: Vec<oneshot::Sender<Delivery>>, e: ProposeError) -> ForwardReply {
+    fail_all(others, e.clone());
+    Err(e)
 }
 
 /// Queues commands for the batching task.
@@ -54,8 +146,11 @@ impl Batcher {
         self.queue
             .send(Pending { cmd, reply })
             .map_err(|_| ProposeError::Stopped("the proposal queue is closed".into()))?;
-        rx.await
-            .map_err(|_| ProposeError::Stopped("the proposal was dropped".into()))?
+        match rx.await {
+            Ok(Delivery::Done(reply)) => reply,
+            Ok(Delivery::Finish(entry)) => entry.finish().await,
+            Err(_) => Err(ProposeError::Stopped("the proposal was dropped".into())),
+        }
     }
 }
 
@@ -156,33 +251,19 @@ async fn run(id: NodeId, raft: Raft, limits: Batching, mut rx: mpsc::UnboundedRe
         pairing.on_proposed(Instant::now(), count, waited_in_vain);
         match raft.client_write_ff(Proposal { commands }).await {
             Ok(applied) => {
-                tokio::spawn(async move {
-                    let result = applied.await;
-                    drop(permit);
-                    let outputs = match result {
-                        Ok(Ok(response)) => response.data,
-                        Ok(Err(e)) => return fail_all(replies, write_error(id, e)),
-                        Err(_) => {
-                            return fail_all(
-                                replies,
-                                ProposeError::Stopped("raft dropped the proposal".into()),
-                            )
-                        }
-                    };
-                    if outputs.len() != count {
-                        // Apply returns one output per command; anything else is a bug.
-                        return fail_all(
-                            replies,
-                            ProposeError::Stopped(format!(
-                                "apply returned {} outputs for {count} commands",
-                                outputs.len()
-                            )),
-                        );
-                    }
-                    for (reply, out) in replies.into_iter().zip(outputs) {
-                        let _ = reply.send(Ok(out));
-                    }
-                });
+                let mut replies = replies.into_iter();
+                let first = replies.next().expect("a batch has a command");
+                let entry = EntryFinisher {
+                    parts: Some(EntryParts {
+                        id,
+                        applied,
+                        others: replies.collect(),
+                        permit,
+                    }),
+                };
+                // A first caller that is gone drops the entry unfinished: it finishes on a
+                // task.
+                let _ = first.send(Delivery::Finish(entry));
             }
             Err(fatal) => {
                 fail_all(replies, ProposeError::Stopped(fatal.to_string()));
@@ -202,15 +283,126 @@ fn write_error(id: NodeId, e: ClientWriteError<NodeId, crate::raft::KordNode>) -
     }
 }
 
-fn fail_all(replies: Vec<oneshot::Sender<ForwardReply>>, e: ProposeError) {
+fn fail_all(replies: Vec<oneshot::Sender<Delivery>>, e: ProposeError) {
     for reply in replies {
-        let _ = reply.send(Err(e.clone()));
+        let _ = reply.send(Delivery::Done(Err(e.clone())));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{ApplyError, ApplyOutput};
+    use openraft::raft::ClientWriteResponse;
+    use openraft::{CommittedLeaderId, LogId};
+
+    fn output(revision: u64) -> ApplyOutput {
+        ApplyOutput {
+            revision,
+            reply: Err(ApplyError::NoNode {
+                path: format!("/n{revision}"),
+            }),
+        }
+    }
+
+    /// An entry of `callers` commands whose Raft answer is sent through the returned sender.
+    #[allow(clippy::type_complexity)]
+    fn make_entry(
+        callers: usize,
+    ) -> (
+        EntryFinisher,
+        Vec<oneshot::Receiver<Delivery>>,
+        oneshot::Sender<ClientWriteResult<TypeConfig>>,
+        Arc<Semaphore>,
+    ) {
+        let slots = Arc::new(Semaphore::new(1));
+        let permit = slots.clone().try_acquire_owned().unwrap();
+        let (answer, applied) = oneshot::channel();
+        let (others, receivers): (Vec<_>, Vec<_>) =
+            (1..callers).map(|_| oneshot::channel()).unzip();
+        let entry = EntryFinisher {
+            parts: Some(EntryParts {
+                id: 1,
+                applied,
+                others,
+                permit,
+            }),
+        };
+        (entry, receivers, answer, slots)
+    }
+
+    fn applied(outputs: Vec<ApplyOutput>) -> ClientWriteResult<TypeConfig> {
+        Ok(ClientWriteResponse {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 7),
+            data: outputs,
+            membership: None,
+        })
+    }
+
+    fn done(mut rx: oneshot::Receiver<Delivery>) -> ForwardReply {
+        match rx.try_recv().expect("a delivery") {
+            Delivery::Done(reply) => reply,
+            Delivery::Finish(_) => panic!("only the first caller finishes an entry"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_caller_finishes_the_entry_for_everyone() {
+        let (entry, others, answer, slots) = make_entry(3);
+        let finishing = tokio::spawn(entry.finish());
+        assert_eq!(slots.available_permits(), 0, "in flight until answered");
+        answer
+            .send(applied(vec![output(5), output(6), output(7)]))
+            .unwrap();
+        assert_eq!(finishing.await.unwrap().unwrap().revision, 5);
+        let revisions: Vec<u64> = others
+            .into_iter()
+            .map(|rx| done(rx).unwrap().revision)
+            .collect();
+        assert_eq!(revisions, vec![6, 7]);
+        assert_eq!(slots.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_entry_whose_first_caller_gave_up_still_answers_the_others() {
+        let (entry, mut others, answer, slots) = make_entry(2);
+        let finishing = tokio::spawn(entry.finish());
+        finishing.abort();
+        assert!(finishing.await.unwrap_err().is_cancelled());
+        answer.send(applied(vec![output(5), output(6)])).unwrap();
+        let rx = others.pop().unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(Delivery::Done(Ok(out)))) => assert_eq!(out.revision, 6),
+            _ => panic!("the other caller was not answered"),
+        }
+        tokio::time::timeout(Duration::from_secs(5), slots.acquire())
+            .await
+            .expect("the in-flight slot is freed")
+            .unwrap()
+            .forget();
+    }
+
+    #[tokio::test]
+    async fn a_wrong_output_count_or_a_dropped_answer_fails_every_caller() {
+        let (entry, others, answer, _) = make_entry(2);
+        answer.send(applied(vec![output(5)])).unwrap();
+        assert!(matches!(
+            entry.finish().await,
+            Err(ProposeError::Stopped(_))
+        ));
+        for rx in others {
+            assert!(matches!(done(rx), Err(ProposeError::Stopped(_))));
+        }
+        let (entry, others, answer, _) = make_entry(2);
+        drop(answer);
+        assert!(matches!(
+            entry.finish().await,
+            Err(ProposeError::Stopped(_))
+        ));
+        for rx in others {
+            assert!(matches!(done(rx), Err(ProposeError::Stopped(_))));
+        }
+    }
 
     const US: Duration = Duration::from_micros(1);
 
