@@ -208,6 +208,12 @@ pub async fn run(
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
     let liveness_task = tokio::spawn(liveness.run(stop_rx.clone()));
+    tokio::spawn(crate::raft::split_vote::run(
+        raft.clone(),
+        config.id,
+        config.election_timeout,
+        stop_rx.clone(),
+    ));
     let http_task = tokio::spawn(http::serve(http_listener, http_ctx, stop_rx));
     tracing::info!(
         member = config.id,
