@@ -41,8 +41,12 @@ pub enum LogFileError {
         offset: u64,
         what: String,
     },
+    /// A caller broke the log's rules (a gap in indexes, an empty record).
     #[error("raft log: {0}")]
     Misuse(String),
+    /// A helper thread could not start or could not make the purge point durable.
+    #[error("raft log: {0}")]
+    Helper(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogFileError + '_ {
@@ -450,7 +454,7 @@ impl LogFile {
         let before_delete = self.before_delete.clone();
         let delete = move || -> Result<(), LogFileError> {
             before_delete().map_err(|e| {
-                LogFileError::Misuse(format!("making the purge point durable: {e}"))
+                LogFileError::Helper(format!("making the purge point durable: {e}"))
             })?;
             for path in &paths {
                 fs::remove_file(path).map_err(io_err(path))?;
@@ -469,7 +473,7 @@ impl LogFile {
                     tracing::warn!(error = %e, "deleting purged raft log segments");
                 }
             })
-            .map_err(|e| LogFileError::Misuse(format!("starting a helper thread: {e}")))?;
+            .map_err(|e| LogFileError::Helper(format!("starting a helper thread: {e}")))?;
         inner.helpers.push(spawned);
         Ok(())
     }

@@ -171,9 +171,11 @@ fn read_meta<T: serde::de::DeserializeOwned>(db: &DB, key: &[u8]) -> Result<Opti
 fn move_rocksdb_log(db: &DB, log: &LogFile, last_purged: Option<LogId>) -> Result<(), StoreError> {
     let cf = cf_handle(db, cf::LOG)?;
     let mut records = Vec::new();
+    let mut in_rocksdb = false;
     let next_in_files = log.bounds().map(|(_, last)| last + 1);
     for item in db.iterator_cf(cf, IteratorMode::Start) {
         let (key, value) = item?;
+        in_rocksdb = true;
         let Some(index) = codec::key_u64(&key) else {
             continue;
         };
@@ -183,11 +185,6 @@ fn move_rocksdb_log(db: &DB, log: &LogFile, last_purged: Option<LogId>) -> Resul
             records.push((index, value.to_vec()));
         }
     }
-    let in_rocksdb = db
-        .iterator_cf(cf, IteratorMode::Start)
-        .next()
-        .transpose()?
-        .is_some();
     if !in_rocksdb {
         return Ok(());
     }
