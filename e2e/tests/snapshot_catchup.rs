@@ -232,3 +232,109 @@ async fn restarted_members_resume_from_their_data_dirs() {
         .await
         .expect("write after full restart");
 }
+
+/// The log since the last snapshot is bounded in bytes as well as in entries: large values in
+/// few entries still lead to a snapshot, the segments behind it are deleted, and the member
+/// restarts from it with every value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_outgrows_snapshot_log_bytes_is_snapshotted_and_purged() {
+    let opts = ClusterOpts::new().args([
+        "--snapshot-count",
+        "1000000",
+        "--snapshot-log-bytes",
+        "1048576",
+        "--log-segment-size",
+        "1048576",
+        "--snapshot-catchup-entries",
+        "5",
+    ]);
+    let mut c = Cluster::start(1, opts).await;
+    let id = c.ids()[0];
+    let mut kv = c.kv(id);
+    for i in 0..20 {
+        kv.create(create_req(&format!("/small{i:02}"), "x"))
+            .await
+            .expect("small create");
+    }
+    // The trigger looks once a second: two looks at a log far under the bound take nothing.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        c.status(id).await.expect("status").snapshot_index,
+        0,
+        "a snapshot of a log far under --snapshot-log-bytes"
+    );
+
+    // 96 values of 64 KiB: 6 MiB of log in about 100 entries.
+    let value = vec![b'v'; 64 * 1024];
+    for i in 0..96 {
+        kv.create(create_req(&format!("/big{i:02}"), &value))
+            .await
+            .expect("big create");
+    }
+    let last = c.status(id).await.expect("status").last_log_index;
+    let status = wait_until(
+        "a snapshot of the big values",
+        Duration::from_secs(20),
+        || {
+            let c = &c;
+            async move {
+                let s = c.status(id).await.map_err(|e| e.to_string())?;
+                if s.snapshot_index >= last - 50 {
+                    Ok(s)
+                } else {
+                    Err(format!(
+                        "snapshot_index {}, log ends at {last}",
+                        s.snapshot_index
+                    ))
+                }
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "snapshot at {} of {} entries",
+        status.snapshot_index, status.last_log_index
+    );
+    let log_dir = c.data_dir(id).join("raft-log");
+    wait_until(
+        "the log segments behind the snapshot to be deleted",
+        Duration::from_secs(20),
+        || {
+            let log_dir = log_dir.clone();
+            async move {
+                let segments = std::fs::read_dir(&log_dir)
+                    .map_err(|e| e.to_string())?
+                    .count();
+                // 6 MiB were written into 1 MiB segments; left: the segment being written, the
+                // spare and at most two holding the entries kept behind the snapshot.
+                if segments <= 4 {
+                    Ok(())
+                } else {
+                    Err(format!("{segments} files in {}", log_dir.display()))
+                }
+            }
+        },
+    )
+    .await;
+
+    c.kill(id);
+    c.restart(id).await;
+    let kv = c.kv(id);
+    for path in ["/small00", "/small19", "/big00", "/big95"] {
+        let got = wait_until(
+            &format!("{path} after the restart"),
+            Duration::from_secs(20),
+            || {
+                let mut kv = kv.clone();
+                async move { get(&mut kv, path, LOCAL).await.map_err(|e| e.to_string()) }
+            },
+        )
+        .await;
+        let want: &[u8] = if path.starts_with("/big") {
+            &value
+        } else {
+            b"x"
+        };
+        assert!(got.data == want, "{path} after the restart");
+    }
+}

@@ -89,9 +89,16 @@ pub struct Args {
     #[arg(long, env = "KORD_ELECTION_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub election_timeout: Duration,
 
-    /// Take a snapshot after this many log entries since the last one.
-    #[arg(long, env = "KORD_SNAPSHOT_COUNT", default_value_t = 10_000)]
+    /// Take a snapshot after this many log entries since the last one (etcd's and
+    /// ZooKeeper's default is 100,000 too). Each snapshot copies the whole state.
+    #[arg(long, env = "KORD_SNAPSHOT_COUNT", default_value_t = 100_000)]
     pub snapshot_count: u64,
+
+    /// Also take a snapshot once the log since the last one holds this many bytes: an entry
+    /// carries a batch of commands, so under load a few thousand entries can fill many
+    /// megabytes of disk.
+    #[arg(long, env = "KORD_SNAPSHOT_LOG_BYTES", default_value_t = 64 << 20)]
+    pub snapshot_log_bytes: u64,
 
     /// Bytes allocated for each Raft log segment file up front; a member keeps at least two
     /// (the one being written and the next). Smaller suits small volumes, at one extra
@@ -202,6 +209,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,
     pub snapshot_count: u64,
+    pub snapshot_log_bytes: u64,
     pub snapshot_catchup_entries: u64,
     pub log_segment_size: u64,
     pub batching: crate::proposal::Batching,
@@ -249,6 +257,7 @@ impl Args {
         }
         for (flag, value, min) in [
             ("snapshot-count", self.snapshot_count, 1),
+            ("snapshot-log-bytes", self.snapshot_log_bytes, 1 << 20),
             ("log-segment-size", self.log_segment_size, 1 << 20),
             ("proposal-batch", self.proposal_batch as u64, 1),
             ("proposals-in-flight", self.proposals_in_flight as u64, 1),
@@ -321,6 +330,7 @@ impl Args {
             heartbeat_interval: self.heartbeat_interval,
             election_timeout: self.election_timeout,
             snapshot_count: self.snapshot_count,
+            snapshot_log_bytes: self.snapshot_log_bytes,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
             log_segment_size: self.log_segment_size,
             batching: crate::proposal::Batching {

@@ -84,6 +84,7 @@ pub async fn run(
         channels: channels.clone(),
         guard: guard.clone(),
     };
+    let log_size = log_store.clone();
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
         .await
         .context("starting raft")?;
@@ -214,6 +215,12 @@ pub async fn run(
         config.election_timeout,
         stop_rx.clone(),
     ));
+    let snapshot_task = tokio::spawn(crate::raft::snapshot_trigger::run(
+        raft.clone(),
+        log_size,
+        config.snapshot_log_bytes,
+        stop_rx.clone(),
+    ));
     let http_task = tokio::spawn(http::serve(http_listener, http_ctx, stop_rx));
     tracing::info!(
         member = config.id,
@@ -257,6 +264,7 @@ pub async fn run(
     }
     let _ = http_task.await;
     let _ = liveness_task.await;
+    let _ = snapshot_task.await;
     match fatal {
         None => Ok(()),
         Some(reason) => Err(anyhow::anyhow!(reason)),

@@ -4,6 +4,7 @@
 pub mod network;
 pub mod peer_service;
 pub mod peers;
+pub mod snapshot_trigger;
 pub mod split_vote;
 
 use std::fmt;

@@ -350,6 +350,29 @@ impl LogFile {
         file.sync_data().map_err(io_err(&path))
     }
 
+    /// Bytes the readable records with index `from` and above take in the segment files,
+    /// headers included.
+    pub fn bytes_from(&self, from: u64) -> u64 {
+        let inner = self.read_lock();
+        let Some(first) = inner.first() else {
+            return 0;
+        };
+        let from = from.max(first);
+        inner
+            .segments
+            .iter()
+            .filter(|s| s.next_index() > from)
+            .map(|s| {
+                let start = if from <= s.first_index {
+                    0
+                } else {
+                    s.span(from).0
+                };
+                s.write_offset() - start
+            })
+            .sum()
+    }
+
     /// Payloads of the records with index in `from..to`, stopping at the end of the log.
     pub fn read(&self, from: u64, to: u64) -> Result<Vec<Vec<u8>>, LogFileError> {
         let inner = self.read_lock();

@@ -33,8 +33,8 @@ use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
 /// Space allocated for each log segment up front, unless `--log-segment-size` says otherwise.
-/// Snapshots purge the log every `--snapshot-count` entries, so a member keeps a few segments
-/// at most.
+/// A snapshot, taken after `--snapshot-count` entries or `--snapshot-log-bytes` of log (64 MiB
+/// by default), purges the log behind it, so a member keeps a few segments.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 
 #[derive(Clone)]
@@ -124,6 +124,12 @@ impl LogStore {
 
     pub fn committed_index(&self) -> Arc<AtomicU64> {
         self.committed.clone()
+    }
+
+    /// Bytes of the log after `index` (all of it for None): how much a snapshot taken at
+    /// `index` leaves behind it.
+    pub fn bytes_after(&self, index: Option<u64>) -> u64 {
+        self.log.bytes_from(index.map_or(0, |i| i + 1))
     }
 
     /// Writes a batch and syncs the WAL, recording how long the sync took.

@@ -321,6 +321,7 @@ fn load_applied(db: &DB) -> Result<AppliedState, StoreError> {
 }
 
 /// Builds a snapshot from a RocksDB snapshot, concurrently with apply.
+#[derive(Clone)]
 pub struct SnapshotBuilder {
     db: Arc<DB>,
     snapshot_file: Arc<SnapshotFile>,
@@ -362,7 +363,13 @@ impl SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let stored = self.build().map_err(sm_err(ErrorVerb::Write))?;
+        // Reading, encoding and syncing the whole state takes time in proportion to its size:
+        // off the runtime's threads, which serve requests meanwhile.
+        let builder = self.clone();
+        let stored = tokio::task::spawn_blocking(move || builder.build())
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Thread(format!("building a snapshot: {e}"))))
+            .map_err(sm_err(ErrorVerb::Write))?;
         tracing::info!(snapshot = %stored.meta.snapshot_id, bytes = stored.data.len(), "built snapshot");
         Ok(Snapshot {
             meta: stored.meta,

@@ -389,3 +389,29 @@ fn purged_segments_go_only_after_the_purge_point_is_made_durable() {
     assert_eq!(log.bounds(), Some((51, 100)));
     assert_reads(&log, 51, 101, 200);
 }
+
+#[test]
+fn bytes_from_counts_readable_records_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogFile::open(dir.path(), SMALL, None).unwrap();
+    assert_eq!(log.bytes_from(0), 0);
+    append_each(&log, 1, 101, 200);
+    let record = (HEADER + 200) as u64;
+    assert!(segment_files(dir.path()).len() >= 5);
+    assert_eq!(log.bytes_from(0), 100 * record);
+    assert_eq!(log.bytes_from(1), 100 * record);
+    assert_eq!(log.bytes_from(51), 50 * record);
+    assert_eq!(log.bytes_from(100), record);
+    assert_eq!(log.bytes_from(101), 0);
+    log.purge(30).unwrap();
+    assert_eq!(
+        log.bytes_from(0),
+        70 * record,
+        "purged records are not counted"
+    );
+    log.sync().unwrap();
+    drop(log);
+    let log = LogFile::open(dir.path(), SMALL, Some(30)).unwrap();
+    assert_eq!(log.bytes_from(0), 70 * record);
+    assert_eq!(log.bytes_from(91), 10 * record);
+}
