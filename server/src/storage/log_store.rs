@@ -2,13 +2,16 @@
 //! commit point and the purge point in RocksDB. An appended entry is reported persisted to
 //! openraft only after its segment was synced; votes, truncations and purges are durable when
 //! they return.
-//! Appends are written at once (readable, not yet durable) and a flusher thread syncs the log,
-//! once for every append that arrived meanwhile, then reports them all; the fsync never blocks
-//! a runtime thread. openraft 0.9.25 awaits each append's report inside its core before it runs
-//! anything else (`RaftCore::append_to_log`), so appends from one core never overlap and a group
-//! is normally one append: it is the proposal batcher (`proposal/batch.rs`) that makes
-//! concurrent writes share an fsync. The same wait makes a leader's fsync and its followers'
-//! round trip serial (see BENCHMARKS.md, "What limits each figure").
+//! Appends are written at once (readable, not yet durable), synced, and only then reported.
+//! openraft 0.9.25 awaits each append's report inside its core before it runs anything else
+//! (`RaftCore::append_to_log`), so appends from one core never overlap: it is the proposal
+//! batcher (`proposal/batch.rs`) that makes concurrent writes share an fsync. The same wait
+//! makes a leader's fsync and its followers' round trip serial (see BENCHMARKS.md, "What limits
+//! each figure"). So the sync runs in the core's own task, right after the write: a separate
+//! flusher thread could never group appends and only cost two thread wake-ups per write. That
+//! blocks one runtime thread for the fsync, which is harmless while others serve requests;
+//! with a single runtime thread (a one-CPU pod) it would stop all serving during every fsync,
+//! so there a flusher thread syncs instead.
 //!
 //! The state machine writes RocksDB without syncing; entries it has applied stay in the log
 //! until a purge, and a purged segment is deleted only after RocksDB's WAL was synced, which
@@ -44,8 +47,54 @@ pub struct LogStore {
     /// The highest committed index openraft reported; shown in status and metrics.
     committed: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
-    /// Appends waiting for the next sync.
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Where appends are synced.
+    syncing: Syncing,
+}
+
+/// Where an append is synced before it is reported (see the module comment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// In the Raft core's task: with two runtime threads or more.
+    Inline,
+    /// On a flusher thread: with a single runtime thread, or outside a runtime.
+    Flusher,
+}
+
+impl SyncMode {
+    /// The mode for the runtime this is called in.
+    pub fn for_runtime() -> SyncMode {
+        let threads = tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_workers())
+            .unwrap_or(1);
+        if threads >= 2 {
+            SyncMode::Inline
+        } else {
+            SyncMode::Flusher
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Syncing {
+    /// In the Raft core's task, right after the write.
+    Inline,
+    /// On a flusher thread: appends waiting for its next sync.
+    Flusher(mpsc::Sender<LogFlushed<TypeConfig>>),
+}
+
+/// Syncs the log, recording how long it took.
+fn sync_log(log: &LogFile, metrics: &Metrics) -> Result<(), String> {
+    let start = Instant::now();
+    let result = log.sync().map_err(|e| e.to_string());
+    metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
+    result
+}
+
+fn sync_outcome(result: &Result<(), String>) -> std::io::Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => Err(std::io::Error::other(format!("syncing the raft log: {e}"))),
+    }
 }
 
 /// Syncs the log once per group of waiting appends and reports each of them. Runs on its own
@@ -60,18 +109,12 @@ fn run_flusher(
         // sync started now makes all of them durable.
         let mut group = vec![first];
         group.extend(waiting.try_iter());
-        let start = Instant::now();
         let result = match log.upgrade() {
-            Some(log) => log.sync().map_err(|e| e.to_string()),
+            Some(log) => sync_log(&log, &metrics),
             None => Err("the log is closed".to_owned()),
         };
-        metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
         for callback in group {
-            let outcome = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::other(format!("syncing the raft log: {e}"))),
-            };
-            callback.log_io_completed(outcome);
+            callback.log_io_completed(sync_outcome(&result));
         }
     }
 }
@@ -84,6 +127,17 @@ impl LogStore {
         log_dir: &Path,
         segment_bytes: u64,
         metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        Self::open_syncing(db, log_dir, segment_bytes, metrics, SyncMode::for_runtime())
+    }
+
+    /// [`LogStore::open`] with the sync mode chosen by the caller (tests run both).
+    pub fn open_syncing(
+        db: Arc<DB>,
+        log_dir: &Path,
+        segment_bytes: u64,
+        metrics: Arc<Metrics>,
+        mode: SyncMode,
     ) -> Result<Self, StoreError> {
         // The purge point may have been recovered from the WAL's unsynced tail (still in the
         // page cache after a process crash): sync it before the log deletes anything by it.
@@ -101,20 +155,23 @@ impl LogStore {
                 .with_before_delete(before_delete),
         );
         move_rocksdb_log(&db, &log, last_purged)?;
-        let (flusher, waiting) = mpsc::channel();
-        {
+        let syncing = if mode == SyncMode::Inline {
+            Syncing::Inline
+        } else {
+            let (flusher, waiting) = mpsc::channel();
             let (log, metrics) = (Arc::downgrade(&log), metrics.clone());
             std::thread::Builder::new()
                 .name("kord-log-flush".into())
                 .spawn(move || run_flusher(log, metrics, waiting))
                 .map_err(|e| StoreError::Thread(e.to_string()))?;
-        }
+            Syncing::Flusher(flusher)
+        };
         let store = LogStore {
             db,
             log,
             committed: Arc::new(AtomicU64::new(0)),
             metrics,
-            flusher,
+            syncing,
         };
         if let Some(c) = read_meta::<Option<LogId>>(&store.db, codec::COMMITTED)?.flatten() {
             store.committed.store(c.index, Ordering::Relaxed);
@@ -303,14 +360,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|entry| (entry.get_log_id().index, codec::encode(&entry)))
             .collect();
-        // Readable at once; durable when the flusher's next sync completes.
+        // Readable at once; durable when the sync completes.
         if let Err(e) = self.log.append(&records) {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(to_storage_error(ErrorSubject::Logs, ErrorVerb::Write, e));
         }
-        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
-            // The flusher only stops when every store is gone; report rather than hang.
-            callback.log_io_completed(Err(std::io::Error::other("the log flusher stopped")));
+        match &self.syncing {
+            Syncing::Inline => {
+                callback.log_io_completed(sync_outcome(&sync_log(&self.log, &self.metrics)))
+            }
+            Syncing::Flusher(flusher) => {
+                if let Err(mpsc::SendError(callback)) = flusher.send(callback) {
+                    // The flusher only stops when every store is gone; report rather than hang.
+                    callback
+                        .log_io_completed(Err(std::io::Error::other("the log flusher stopped")));
+                }
+            }
         }
         Ok(())
     }
@@ -346,6 +411,33 @@ mod tests {
 
     use super::*;
     use crate::storage::open_db;
+
+    #[test]
+    fn appends_are_synced_inline_only_with_two_runtime_threads_or_more() {
+        assert_eq!(
+            SyncMode::for_runtime(),
+            SyncMode::Flusher,
+            "outside a runtime"
+        );
+        let one = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(
+            one.block_on(async { SyncMode::for_runtime() }),
+            SyncMode::Flusher
+        );
+        for (threads, want) in [(1, SyncMode::Flusher), (2, SyncMode::Inline)] {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .build()
+                .unwrap();
+            assert_eq!(
+                rt.block_on(async { SyncMode::for_runtime() }),
+                want,
+                "{threads} threads"
+            );
+        }
+    }
 
     fn entry(term: u64, index: u64) -> Entry {
         Entry {
