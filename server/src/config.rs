@@ -89,6 +89,12 @@ pub struct Args {
     #[arg(long, env = "KORD_ELECTION_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub election_timeout: Duration,
 
+    /// Replicate over the peer link, a plain TCP connection per peer on the peer port, instead
+    /// of one gRPC call per AppendEntries. `false` also refuses incoming links (senders then
+    /// use gRPC), as a member older than the link does.
+    #[arg(long, env = "KORD_PEER_LINK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub peer_link: bool,
+
     /// Take a snapshot after this many log entries since the last one (etcd's and
     /// ZooKeeper's default is 100,000 too). Each snapshot copies the whole state.
     #[arg(long, env = "KORD_SNAPSHOT_COUNT", default_value_t = 100_000)]
@@ -208,6 +214,7 @@ pub struct Config {
     pub bootstrap: Bootstrap,
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,
+    pub peer_link: bool,
     pub snapshot_count: u64,
     pub snapshot_log_bytes: u64,
     pub snapshot_catchup_entries: u64,
@@ -329,6 +336,7 @@ impl Args {
             bootstrap,
             heartbeat_interval: self.heartbeat_interval,
             election_timeout: self.election_timeout,
+            peer_link: self.peer_link,
             snapshot_count: self.snapshot_count,
             snapshot_log_bytes: self.snapshot_log_bytes,
             snapshot_catchup_entries: self.snapshot_catchup_entries,

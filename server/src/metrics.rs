@@ -30,6 +30,7 @@ pub struct Metrics {
     pub znodes: Gauge,
     pub claim_wakeups: Counter,
     pub claim_waits_served: Counter,
+    pub peer_link_appends: Counter,
     pub watch_streams: Gauge,
     pub watches: Gauge,
 }
@@ -60,6 +61,7 @@ impl Metrics {
             znodes: Gauge::default(),
             claim_wakeups: Counter::default(),
             claim_waits_served: Counter::default(),
+            peer_link_appends: Counter::default(),
             watch_streams: Gauge::default(),
             watches: Gauge::default(),
             registry: Registry::default(),
@@ -78,6 +80,11 @@ impl Metrics {
             "fsync_duration_seconds",
             "Time of synced Raft log writes (append, vote, truncate, purge)",
             m.fsync_seconds.clone(),
+        );
+        registry.register(
+            "peer_link_appends",
+            "AppendEntries requests received over the peer link (the others came over gRPC)",
+            m.peer_link_appends.clone(),
         );
         registry.register(
             "snapshots",

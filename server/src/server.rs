@@ -30,8 +30,9 @@ use crate::liveness::Liveness;
 use crate::membership::{Membership, Settings};
 use crate::metrics::Metrics;
 use crate::proposal::Proposer;
+use crate::raft::link::{accept_peer_port, LinkServer};
 use crate::raft::network::{NetworkFactory, PeerChannels, MAX_PEER_MESSAGE_BYTES};
-use crate::raft::peer_service::PeerService;
+use crate::raft::peer_service::{PeerService, RaftGate};
 use crate::raft::peers::PeerGuard;
 use crate::raft::Raft;
 use crate::storage::events::EventLog;
@@ -83,6 +84,7 @@ pub async fn run(
     let network = NetworkFactory {
         channels: channels.clone(),
         guard: guard.clone(),
+        links: config.peer_link,
     };
     let log_size = log_store.clone();
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
@@ -184,13 +186,22 @@ pub async fn run(
         .add_service(LockServer::new(lock.clone()))
         .add_service(ElectionServer::new(lock))
         .serve_with_incoming_shutdown(incoming(client_listener), stopped(stop_rx.clone()));
-    let peer = PeerService {
+    let gate = RaftGate {
         id: config.id,
+        membership: membership.clone(),
+        guard: guard.clone(),
+    };
+    let links = config.peer_link.then(|| LinkServer {
+        raft: raft.clone(),
+        gate: gate.clone(),
+        metrics: metrics.clone(),
+    });
+    let peer = PeerService {
+        gate,
         raft: raft.clone(),
         proposer,
         liveness: liveness.clone(),
         membership: membership.clone(),
-        guard: guard.clone(),
         claims,
     };
     let peer_server = tonic::transport::Server::builder()
@@ -199,7 +210,10 @@ pub async fn run(
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            accept_peer_port(peer_listener, links, stop_rx.clone()),
+            stopped(stop_rx.clone()),
+        );
     let http_ctx = HttpContext {
         raft: raft.clone(),
         state,

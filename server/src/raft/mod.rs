@@ -1,6 +1,7 @@
 //! openraft's type configuration for Kord and the peer network. Together with `storage`, the
 //! only place that names openraft types; other modules use the aliases below.
 
+pub mod link;
 pub mod network;
 pub mod peer_service;
 pub mod peers;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kord_api::peer::peer_client::PeerClient;
 use kord_api::peer::Payload;
@@ -19,6 +19,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::link::{LinkConn, LinkError, LinkReply};
+use super::peer_service::Refusal;
 use super::peers::{PeerGuard, REMOVED_HEADER, SENDER_ID_HEADER};
 use super::{KordNode, NodeId, TypeConfig};
 
@@ -96,6 +98,8 @@ impl PeerChannels {
 pub struct NetworkFactory {
     pub channels: PeerChannels,
     pub guard: Arc<PeerGuard>,
+    /// Whether AppendEntries go over the peer link (`link.rs`) where the peer speaks it.
+    pub links: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -107,15 +111,31 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.peer_addr.clone(),
             channels: self.channels.clone(),
             guard: self.guard.clone(),
+            links: self.links,
+            link: None,
+            grpc_until: None,
         }
     }
 }
+
+/// How long AppendEntries go over gRPC after a peer turned out not to speak the link (an older
+/// member, or one started with `--peer-link=false`) before the link is tried again.
+const LINK_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// How long connecting and opening a link may take.
+const LINK_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct PeerConnection {
     target: NodeId,
     addr: String,
     channels: PeerChannels,
     guard: Arc<PeerGuard>,
+    /// Whether to use the peer link at all (`--peer-link`).
+    links: bool,
+    /// The open link to this peer, if any.
+    link: Option<LinkConn>,
+    /// Until then AppendEntries use gRPC.
+    grpc_until: Option<Instant>,
 }
 
 /// Why a call failed before the remote Raft could answer.
@@ -130,6 +150,8 @@ enum CallError {
     Status { addr: String, status: tonic::Status },
     #[error("replication to member {target} is held back during a leadership transfer")]
     Fenced { target: NodeId },
+    #[error("peer {addr} refused the request: {message}")]
+    Refused { addr: String, message: String },
     #[error("bad payload from {addr}: {source}")]
     Decode {
         addr: String,
@@ -226,12 +248,83 @@ impl PeerConnection {
     }
 }
 
+impl PeerConnection {
+    /// One AppendEntries over the link. `None`: the peer does not speak it, use gRPC.
+    async fn append_over_link(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Option<Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, KordNode, RaftError<NodeId>>>>
+    {
+        if !self.links || self.grpc_until.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        if self.guard.fenced(self.target) {
+            return Some(Err(RPCError::Unreachable(Unreachable::new(
+                &CallError::Fenced {
+                    target: self.target,
+                },
+            ))));
+        }
+        let mut link = match self.link.take() {
+            Some(link) => link,
+            None => {
+                let connect = LinkConn::connect(
+                    &self.addr,
+                    self.guard.id(),
+                    self.target,
+                    LINK_CONNECT_TIMEOUT.min(timeout),
+                );
+                match connect.await {
+                    Ok(link) => link,
+                    Err(LinkError::Unsupported(addr)) => {
+                        tracing::info!(peer = %addr, "peer does not speak the peer link; using gRPC");
+                        self.grpc_until = Some(Instant::now() + LINK_RETRY_AFTER);
+                        return None;
+                    }
+                    Err(e) => return Some(Err(RPCError::Unreachable(Unreachable::new(&e)))),
+                }
+            }
+        };
+        let reply = match link.append(rpc, timeout).await {
+            Ok(reply) => reply,
+            // The connection is dropped: a late answer must never be taken for the next one.
+            Err(e) => return Some(Err(RPCError::Network(NetworkError::new(&e)))),
+        };
+        match reply {
+            LinkReply::Raft(result) => {
+                self.link = Some(link);
+                self.guard.contacted(self.target);
+                Some(result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))))
+            }
+            LinkReply::Refused(refusal) => {
+                if let Refusal::Removed { sender, message } = &refusal {
+                    if *sender == self.guard.id() {
+                        self.guard.removed(format!(
+                            "member {} refused our Raft traffic: {message}",
+                            self.target
+                        ));
+                    }
+                }
+                let err = CallError::Refused {
+                    addr: self.addr.clone(),
+                    message: refusal.message().to_owned(),
+                };
+                Some(Err(RPCError::Network(NetworkError::new(&err))))
+            }
+        }
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, KordNode, RaftError<NodeId>>> {
+        if let Some(result) = self.append_over_link(&rpc, option.hard_ttl()).await {
+            return result;
+        }
         self.call("append_entries", &rpc, option.hard_ttl()).await
     }
 

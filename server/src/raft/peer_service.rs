@@ -21,77 +21,120 @@ use crate::state::Command;
 use crate::storage::codec;
 
 pub struct PeerService {
-    pub id: NodeId,
+    pub gate: RaftGate,
     pub raft: Raft,
     pub proposer: Proposer,
     pub liveness: Liveness,
     pub membership: Membership,
-    pub guard: std::sync::Arc<PeerGuard>,
     pub claims: Claims,
 }
 
-impl PeerService {
-    /// Refuses Raft traffic addressed to another member id.
-    fn check_target(&self, req: &Request<Payload>) -> Result<(), Status> {
-        let target = req
-            .metadata()
-            .get(TARGET_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<NodeId>().ok());
-        match target {
-            Some(t) if t != self.id => {
-                tracing::error!(
-                    member = self.id,
-                    addressed_to = t,
-                    "refusing raft traffic meant for another member"
-                );
-                Err(Status::failed_precondition(format!(
+/// Why a member refuses a Raft request before Raft sees it. Sent as is over the peer link
+/// (`link.rs`), and as a gRPC status over the peer service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum Refusal {
+    /// The request names another member: a misconfigured address, which openraft would
+    /// otherwise take for its own and trip over.
+    WrongTarget { message: String },
+    /// The sender was removed from the cluster (its id is tombstoned): it stops on seeing this.
+    Removed { sender: NodeId, message: String },
+    /// This member started with no data and the cluster has not added it yet.
+    Joining { message: String },
+    /// The request could not be decoded.
+    Malformed { message: String },
+}
+
+impl Refusal {
+    pub fn message(&self) -> &str {
+        match self {
+            Refusal::WrongTarget { message }
+            | Refusal::Removed { message, .. }
+            | Refusal::Joining { message }
+            | Refusal::Malformed { message } => message,
+        }
+    }
+
+    fn into_status(self) -> Status {
+        match self {
+            Refusal::WrongTarget { message } => Status::failed_precondition(message),
+            Refusal::Removed { sender, message } => {
+                let mut status = Status::permission_denied(message);
+                status.metadata_mut().insert(REMOVED_HEADER, sender.into());
+                status
+            }
+            Refusal::Joining { message } => Status::unavailable(message),
+            Refusal::Malformed { message } => Status::invalid_argument(message),
+        }
+    }
+}
+
+/// The checks every Raft request passes before it reaches Raft, over either transport.
+#[derive(Clone)]
+pub struct RaftGate {
+    pub id: NodeId,
+    pub membership: Membership,
+    pub guard: std::sync::Arc<PeerGuard>,
+}
+
+impl RaftGate {
+    /// `target`: the member the request is meant for; `sender`: the member that sent it (None
+    /// where an older sender did not say).
+    pub fn check(&self, target: Option<NodeId>, sender: Option<NodeId>) -> Result<(), Refusal> {
+        if let Some(t) = target.filter(|t| *t != self.id) {
+            tracing::error!(
+                member = self.id,
+                addressed_to = t,
+                "refusing raft traffic meant for another member"
+            );
+            return Err(Refusal::WrongTarget {
+                message: format!(
                     "this is member {}, not member {t}: check --initial-cluster and the advertised peer addresses",
                     self.id
-                )))
-            }
-            _ => Ok(()),
+                ),
+            });
         }
-    }
-
-    /// Refuses Raft traffic from a member that was removed (its id is tombstoned and it is not
-    /// in this member's membership), with a status the sender recognises and stops on.
-    fn check_sender(&self, req: &Request<Payload>) -> Result<(), Status> {
-        let sender = req
-            .metadata()
-            .get(SENDER_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<NodeId>().ok());
-        let Some(sender) = sender else {
-            return Ok(());
-        };
-        if !self.membership.is_removed(sender) {
-            return Ok(());
+        if let Some(sender) = sender.filter(|s| self.membership.is_removed(*s)) {
+            tracing::warn!(
+                member = self.id,
+                sender,
+                "refusing raft traffic from a removed member"
+            );
+            return Err(Refusal::Removed {
+                sender,
+                message: format!(
+                    "member {sender} was removed from the cluster and its id may not be reused: \
+                     wipe its data and join with a new id"
+                ),
+            });
         }
-        tracing::warn!(
-            member = self.id,
-            sender,
-            "refusing raft traffic from a removed member"
-        );
-        let mut status = Status::permission_denied(format!(
-            "member {sender} was removed from the cluster and its id may not be reused: \
-             wipe its data and join with a new id"
-        ));
-        status.metadata_mut().insert(REMOVED_HEADER, sender.into());
-        Err(status)
-    }
-
-    fn check(&self, req: &Request<Payload>) -> Result<(), Status> {
-        self.check_target(req)?;
-        self.check_sender(req)?;
         if self.guard.is_joining() {
-            return Err(Status::unavailable(format!(
-                "member {} started with no data and the cluster has not added it yet: it takes \
-                 no Raft traffic until then",
-                self.id
-            )));
+            return Err(Refusal::Joining {
+                message: format!(
+                    "member {} started with no data and the cluster has not added it yet: it \
+                     takes no Raft traffic until then",
+                    self.id
+                ),
+            });
         }
         Ok(())
+    }
+}
+
+fn header_id(req: &Request<Payload>, name: &str) -> Option<NodeId> {
+    req.metadata()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<NodeId>().ok())
+}
+
+impl PeerService {
+    fn check(&self, req: &Request<Payload>) -> Result<(), Status> {
+        self.gate
+            .check(
+                header_id(req, TARGET_ID_HEADER),
+                header_id(req, SENDER_ID_HEADER),
+            )
+            .map_err(Refusal::into_status)
     }
 }
 
