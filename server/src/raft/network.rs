@@ -310,6 +310,14 @@ impl PeerConnection {
                     addr: self.addr.clone(),
                     message: refusal.message().to_owned(),
                 };
+                // The receiver keeps the link open after a refusal, except for a malformed request.
+                if !matches!(refusal, Refusal::Malformed { .. }) {
+                    self.link = Some(link);
+                }
+                // As over gRPC, where a joining member answers UNAVAILABLE: back off.
+                if matches!(refusal, Refusal::Joining { .. }) {
+                    return Some(Err(RPCError::Unreachable(Unreachable::new(&err))));
+                }
                 Some(Err(RPCError::Network(NetworkError::new(&err))))
             }
         }
