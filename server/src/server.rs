@@ -86,7 +86,8 @@ pub async fn run(
         guard: guard.clone(),
         links: config.peer_link,
     };
-    let log_size = log_store.clone();
+    // The snapshot trigger reads the log's size; Raft owns the store itself.
+    let log_for_snapshots = log_store.clone();
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
         .await
         .context("starting raft")?;
@@ -231,7 +232,7 @@ pub async fn run(
     ));
     let snapshot_task = tokio::spawn(crate::raft::snapshot_trigger::run(
         raft.clone(),
-        log_size,
+        log_for_snapshots,
         config.snapshot_log_bytes,
         stop_rx.clone(),
     ));

@@ -230,39 +230,41 @@ impl LinkServer {
         let target = NodeId::from_le_bytes(hello[16..24].try_into().expect("8 bytes"));
         writer.write_all(MAGIC).await?;
         loop {
-            let Ok(frame) = tokio::time::timeout(IDLE_TIMEOUT, read_frame(reader)).await else {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "idle link"));
+            let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(reader)).await {
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "idle link")),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(Err(e)) => return refuse_malformed(writer, e).await,
+                Ok(Ok(frame)) => frame,
             };
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            if let Err(refusal) = self.gate.check(Some(target), Some(sender)) {
+                write_frame(writer, &LinkReply::Refused(refusal)).await?;
+                continue;
+            }
+            let rpc = match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&frame) {
+                Ok(rpc) => rpc,
                 Err(e) => {
-                    let refusal = Refusal::Malformed {
-                        message: e.to_string(),
-                    };
-                    let _ = write_frame(writer, &LinkReply::Refused(refusal)).await;
-                    return Err(e);
+                    let e = io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("malformed peer payload: {e}"),
+                    );
+                    return refuse_malformed(writer, e).await;
                 }
             };
-            let reply = match self.gate.check(Some(target), Some(sender)) {
-                Err(refusal) => LinkReply::Refused(refusal),
-                Ok(()) => match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&frame) {
-                    Ok(rpc) => {
-                        self.metrics.peer_link_appends.inc();
-                        LinkReply::Raft(self.raft.append_entries(rpc).await)
-                    }
-                    Err(e) => {
-                        let refusal = Refusal::Malformed {
-                            message: format!("malformed peer payload: {e}"),
-                        };
-                        write_frame(writer, &LinkReply::Refused(refusal)).await?;
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                    }
-                },
-            };
+            self.metrics.peer_link_appends.inc();
+            let reply = LinkReply::Raft(self.raft.append_entries(rpc).await);
             write_frame(writer, &reply).await?;
         }
     }
+}
+
+/// Answers a frame that could not be read or decoded, then ends the link with `e`: after it
+/// the stream's framing cannot be trusted.
+async fn refuse_malformed(writer: &mut OwnedWriteHalf, e: io::Error) -> io::Result<()> {
+    let refusal = Refusal::Malformed {
+        message: e.to_string(),
+    };
+    let _ = write_frame(writer, &LinkReply::Refused(refusal)).await;
+    Err(e)
 }
 
 /// Accepts connections on the peer port: link connections are served here (when `links` is

@@ -172,12 +172,8 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: DeserializeOwned + std::error::Error,
     {
-        if rpc != "vote" && self.guard.fenced(self.target) {
-            return Err(RPCError::Unreachable(Unreachable::new(
-                &CallError::Fenced {
-                    target: self.target,
-                },
-            )));
+        if rpc != "vote" {
+            self.check_fence().map_err(RPCError::Unreachable)?;
         }
         let payload = Payload {
             data: crate::storage::codec::encode(req),
@@ -231,18 +227,34 @@ impl PeerConnection {
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
-    /// A peer refusing this member as removed (the anti-rejoin guard) stops the process.
+    /// Replication other than votes is held back from this peer during a leadership transfer.
+    fn check_fence(&self) -> Result<(), Unreachable> {
+        if self.guard.fenced(self.target) {
+            return Err(Unreachable::new(&CallError::Fenced {
+                target: self.target,
+            }));
+        }
+        Ok(())
+    }
+
+    /// A gRPC refusal of this member as removed stops the process ([`Self::note_refused_as`]).
     fn note_removal(&self, status: &tonic::Status) {
-        let me = status
+        let removed = status
             .metadata()
             .get(REMOVED_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<NodeId>().ok());
-        if status.code() == tonic::Code::PermissionDenied && me == Some(self.guard.id()) {
+        if let (tonic::Code::PermissionDenied, Some(removed)) = (status.code(), removed) {
+            self.note_refused_as(removed, status.message());
+        }
+    }
+
+    /// A peer refusing this member as removed (the anti-rejoin guard) stops the process.
+    fn note_refused_as(&self, removed: NodeId, message: &str) {
+        if removed == self.guard.id() {
             self.guard.removed(format!(
-                "member {} refused our Raft traffic: {}",
-                self.target,
-                status.message()
+                "member {} refused our Raft traffic: {message}",
+                self.target
             ));
         }
     }
@@ -259,12 +271,8 @@ impl PeerConnection {
         if !self.links || self.grpc_until.is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        if self.guard.fenced(self.target) {
-            return Some(Err(RPCError::Unreachable(Unreachable::new(
-                &CallError::Fenced {
-                    target: self.target,
-                },
-            ))));
+        if let Err(fenced) = self.check_fence() {
+            return Some(Err(RPCError::Unreachable(fenced)));
         }
         let mut link = match self.link.take() {
             Some(link) => link,
@@ -299,12 +307,7 @@ impl PeerConnection {
             }
             LinkReply::Refused(refusal) => {
                 if let Refusal::Removed { sender, message } = &refusal {
-                    if *sender == self.guard.id() {
-                        self.guard.removed(format!(
-                            "member {} refused our Raft traffic: {message}",
-                            self.target
-                        ));
-                    }
+                    self.note_refused_as(*sender, message);
                 }
                 let err = CallError::Refused {
                     addr: self.addr.clone(),

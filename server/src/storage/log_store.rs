@@ -47,8 +47,9 @@ pub struct LogStore {
     /// The highest committed index openraft reported; shown in status and metrics.
     committed: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
-    /// Where appends are synced.
-    syncing: Syncing,
+    /// The flusher thread's queue of appends waiting for its next sync; `None`: each append is
+    /// synced in the Raft core's task, right after the write ([`SyncMode`]).
+    flusher: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
 }
 
 /// Where an append is synced before it is reported (see the module comment).
@@ -72,14 +73,6 @@ impl SyncMode {
             SyncMode::Flusher
         }
     }
-}
-
-#[derive(Clone)]
-enum Syncing {
-    /// In the Raft core's task, right after the write.
-    Inline,
-    /// On a flusher thread: appends waiting for its next sync.
-    Flusher(mpsc::Sender<LogFlushed<TypeConfig>>),
 }
 
 /// Syncs the log, recording how long it took.
@@ -155,23 +148,24 @@ impl LogStore {
                 .with_before_delete(before_delete),
         );
         move_rocksdb_log(&db, &log, last_purged)?;
-        let syncing = if mode == SyncMode::Inline {
-            Syncing::Inline
-        } else {
-            let (flusher, waiting) = mpsc::channel();
-            let (log, metrics) = (Arc::downgrade(&log), metrics.clone());
-            std::thread::Builder::new()
-                .name("kord-log-flush".into())
-                .spawn(move || run_flusher(log, metrics, waiting))
-                .map_err(|e| StoreError::Thread(e.to_string()))?;
-            Syncing::Flusher(flusher)
+        let flusher = match mode {
+            SyncMode::Inline => None,
+            SyncMode::Flusher => {
+                let (flusher, waiting) = mpsc::channel();
+                let (log, metrics) = (Arc::downgrade(&log), metrics.clone());
+                std::thread::Builder::new()
+                    .name("kord-log-flush".into())
+                    .spawn(move || run_flusher(log, metrics, waiting))
+                    .map_err(|e| StoreError::Thread(e.to_string()))?;
+                Some(flusher)
+            }
         };
         let store = LogStore {
             db,
             log,
             committed: Arc::new(AtomicU64::new(0)),
             metrics,
-            syncing,
+            flusher,
         };
         if let Some(c) = read_meta::<Option<LogId>>(&store.db, codec::COMMITTED)?.flatten() {
             store.committed.store(c.index, Ordering::Relaxed);
@@ -365,17 +359,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(to_storage_error(ErrorSubject::Logs, ErrorVerb::Write, e));
         }
-        match &self.syncing {
-            Syncing::Inline => {
-                callback.log_io_completed(sync_outcome(&sync_log(&self.log, &self.metrics)))
-            }
-            Syncing::Flusher(flusher) => {
-                if let Err(mpsc::SendError(callback)) = flusher.send(callback) {
-                    // The flusher only stops when every store is gone; report rather than hang.
-                    callback
-                        .log_io_completed(Err(std::io::Error::other("the log flusher stopped")));
-                }
-            }
+        let Some(flusher) = &self.flusher else {
+            callback.log_io_completed(sync_outcome(&sync_log(&self.log, &self.metrics)));
+            return Ok(());
+        };
+        if let Err(mpsc::SendError(callback)) = flusher.send(callback) {
+            // The flusher only stops when every store is gone; report rather than hang.
+            callback.log_io_completed(Err(std::io::Error::other("the log flusher stopped")));
         }
         Ok(())
     }
