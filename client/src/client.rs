@@ -15,9 +15,9 @@ use kord_api::v1::{
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::transport::Channel;
 use crate::write_id::WriteTracker;
 use crate::{CreateMode, CreateOptions, Created, Error, Op, OpResult, Session};
 
@@ -29,8 +29,6 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Leader discovery is only an optimisation, so it must never hold a caller up for long.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
 const NO_LEADER: usize = usize::MAX;
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Configures a [`Client`]. Endpoints are `host:port` (a scheme, if given, is kept).
 #[derive(Debug, Clone)]
@@ -787,21 +785,8 @@ fn same_addr(a: &str, b: &str) -> bool {
 }
 
 fn lazy_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, Error> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| Error::invalid(format!("bad endpoint {addr:?}: {e}")))?;
-    // HTTP/2 pings while a stream is open, so a watch on a member that vanished without
-    // closing its connection (power loss, partition) notices and moves elsewhere.
-    Ok(endpoint
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .connect_lazy())
+    Channel::lazy(addr, connect_timeout)
+        .map_err(|e| Error::invalid(format!("bad endpoint {addr:?}: {e}")))
 }
 
 #[cfg(test)]

@@ -66,6 +66,7 @@ mod members;
 mod ops;
 mod recipes;
 mod session;
+mod transport;
 mod watch;
 mod watch_mux;
 mod write_id;

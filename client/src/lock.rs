@@ -14,10 +14,10 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::transport::Channel;
 use kord_api::v1::lock_client::LockClient;
 use kord_api::v1::{LockRequest, UnlockRequest};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::client::{Kind, BACKOFF_MAX, BACKOFF_START};

@@ -7,13 +7,13 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::transport::Channel;
 use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::{
     AddMemberRequest, Member, MemberListRequest, PromoteMemberRequest, RemoveMemberRequest,
     ReplaceMemberRequest, TransferLeaderRequest,
 };
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::client::{BACKOFF_MAX, BACKOFF_START};
