@@ -30,7 +30,10 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(500);
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
 const NO_LEADER: usize = usize::MAX;
 
-/// Configures a [`Client`]. Endpoints are `host:port` (a scheme, if given, is kept).
+/// Configures a [`Client`]. Endpoints are `host:port` or `http://host:port`. Writes,
+/// linearizable reads, locks and sessions go to the leader (found by asking the endpoints);
+/// watches, local reads and status calls go to an endpoint each client picks at random, and
+/// move on to the next one when it fails.
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     endpoints: Vec<String>,
@@ -105,10 +108,14 @@ impl ClientBuilder {
                 Ok(EndpointConn { addr, channel })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        // Each client starts on an endpoint of its own choosing, as ZooKeeper's clients shuffle
+        // their server list: the watches, local reads and status calls of many clients given
+        // the same list then spread over the members instead of all landing on the first.
+        let first = rand::random_range(0..endpoints.len());
         let inner = Arc::new(Inner {
             endpoints,
             leader: AtomicUsize::new(NO_LEADER),
-            current: AtomicUsize::new(0),
+            current: AtomicUsize::new(first),
             discovering: AtomicBool::new(false),
             writes: WriteTracker::new(rand::random_range(1..=u64::MAX)),
             request_timeout: self.request_timeout,
@@ -146,8 +153,8 @@ pub(crate) struct Inner {
     pub(crate) endpoints: Vec<EndpointConn>,
     /// Index of the leader's endpoint, or `NO_LEADER`.
     leader: AtomicUsize,
-    /// Endpoint for requests that need no leader, or when the leader is unknown; advanced past
-    /// an endpoint when a call to it fails.
+    /// Endpoint for requests that need no leader, or when the leader is unknown: a random one
+    /// at first, advanced past an endpoint when a call to it fails.
     current: AtomicUsize,
     /// Keeps failures from piling up concurrent discoveries.
     discovering: AtomicBool,

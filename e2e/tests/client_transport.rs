@@ -1,10 +1,11 @@
-//! The client's own HTTP/2 transport (`client/src/transport.rs`) against a real `kord`: flow
-//! control with values at the size limit, many calls sharing one connection, reconnecting
-//! after the member restarts, and dropping a connection whose member stopped answering.
+//! The client's connections to real members: its own HTTP/2 transport
+//! (`client/src/transport.rs`) with flow control at the value size limit, many calls sharing
+//! one connection, reconnecting after the member restarts and dropping a connection whose
+//! member stopped answering; and the spread of many clients over the members.
 
 use std::time::{Duration, Instant};
 
-use kord_client::{Client, Error};
+use kord_client::{Client, Error, WatchOptions};
 use kord_e2e::*;
 
 const MIB: usize = 1024 * 1024;
@@ -130,4 +131,46 @@ async fn a_connection_whose_member_stopped_answering_is_dropped() {
     );
     let (data, _) = client.get("/p").await.expect("get /p after resuming");
     assert_eq!(data, b"x");
+}
+
+/// Clients given the same endpoint list each start on an endpoint of their own (as ZooKeeper's
+/// clients shuffle their list), so their watches spread over the members instead of all
+/// going through the first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_the_same_endpoints_spread_their_watches_over_the_members() {
+    let c = Cluster::start(3, ClusterOpts::default()).await;
+    let endpoints: Vec<String> = c.ids().iter().map(|id| c.client_endpoint(*id)).collect();
+    let setup = Client::connect(endpoints.clone()).await.expect("client");
+    setup.create("/spread", "").await.expect("create /spread");
+    const CLIENTS: u64 = 24;
+    let mut held = Vec::new();
+    for _ in 0..CLIENTS {
+        let client = Client::connect(endpoints.clone()).await.expect("client");
+        let watch = client
+            .watch("/spread", WatchOptions::default())
+            .await
+            .expect("watch /spread");
+        held.push((client, watch));
+    }
+    let streams: Vec<u64> = wait_until(
+        "every watch stream open",
+        Duration::from_secs(10),
+        || async {
+            let mut streams = Vec::new();
+            for id in c.ids() {
+                streams.push(c.metric(id, "kord_watch_streams").await);
+            }
+            match streams.iter().sum::<u64>() {
+                CLIENTS => Ok(streams),
+                n => Err(format!("{n} streams open: {streams:?}")),
+            }
+        },
+    )
+    .await;
+    // All 24 on one member by chance: 3 x (1/3)^24, about 1e-11.
+    let members_used = streams.iter().filter(|n| **n > 0).count();
+    assert!(
+        members_used >= 2,
+        "{CLIENTS} clients' watch streams per member: {streams:?}"
+    );
 }
