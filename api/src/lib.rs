@@ -1,5 +1,6 @@
 //! Kord's wire contract, generated from `proto/`: the client API (`kord.v1`) and the peer
-//! protocol between members (`kord.peer.v1`).
+//! protocol between members (`kord.peer.v1`); and [`transport`], the gRPC channel that the
+//! client and the members' peer calls use.
 
 // Proto comments with indented list continuations are not Markdown lists; clippy (1.95+) reads
 // them as such in the generated docs.
@@ -7,6 +8,8 @@
 pub mod v1 {
     tonic::include_proto!("kord.v1");
 }
+
+pub mod transport;
 
 pub mod peer {
     tonic::include_proto!("kord.peer.v1");

@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::transport::Channel;
 use crate::write_id::WriteTracker;
 use crate::{CreateMode, CreateOptions, Created, Error, Op, OpResult, Session};
+use kord_api::transport::Channel;
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(15);

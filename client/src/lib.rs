@@ -66,7 +66,6 @@ mod members;
 mod ops;
 mod recipes;
 mod session;
-mod transport;
 mod watch;
 mod watch_mux;
 mod write_id;

@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::transport::Channel;
+use kord_api::transport::Channel;
 use kord_api::v1::lock_client::LockClient;
 use kord_api::v1::{LockRequest, UnlockRequest};
 use tokio::time::Instant;

@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::transport::Channel;
+use kord_api::transport::Channel;
 use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::{
     AddMemberRequest, Member, MemberListRequest, PromoteMemberRequest, RemoveMemberRequest,

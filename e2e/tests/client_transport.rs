@@ -1,5 +1,5 @@
 //! The client's connections to real members: its own HTTP/2 transport
-//! (`client/src/transport.rs`) with flow control at the value size limit, many calls sharing
+//! (`api/src/transport.rs`) with flow control at the value size limit, many calls sharing
 //! one connection, reconnecting after the member restarts and dropping a connection whose
 //! member stopped answering; and the spread of many clients over the members.
 

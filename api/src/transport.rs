@@ -1,4 +1,5 @@
-//! The client's gRPC transport: one HTTP/2 connection per endpoint, built on `h2`.
+//! A gRPC channel on `h2`: one HTTP/2 connection per endpoint, for `kord-client` and for the
+//! members' peer calls (forwarding, read index, votes, snapshots).
 //!
 //! tonic's own channel runs on hyper's HTTP/2 client, which queues a request's body only once
 //! the connection has opened the new stream and given it flow-control capacity. Every unary
@@ -40,7 +41,7 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 
 /// A gRPC channel to one endpoint; clones share the connection.
 #[derive(Clone)]
-pub(crate) struct Channel {
+pub struct Channel {
     shared: Arc<Shared>,
 }
 
@@ -72,7 +73,7 @@ static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl Channel {
     /// A channel to `addr` (`host:port` or `http://host:port`); it connects on first use.
-    pub(crate) fn lazy(addr: &str, connect_timeout: Duration) -> Result<Channel, String> {
+    pub fn lazy(addr: &str, connect_timeout: Duration) -> Result<Channel, String> {
         let trimmed = addr.trim().trim_end_matches('/');
         let host_port = match trimmed.split_once("://") {
             Some(("http", rest)) => rest,
@@ -400,7 +401,7 @@ async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) {
 }
 
 /// A response body read from the h2 stream, giving back flow-control capacity as it is read.
-pub(crate) struct ResponseBody {
+pub struct ResponseBody {
     recv: h2::RecvStream,
     data_done: bool,
     addr: String,
@@ -454,5 +455,120 @@ fn status_of(addr: &str, err: &h2::Error) -> Status {
         Some(h2::Reason::CANCEL) => Status::cancelled(message),
         Some(h2::Reason::ENHANCE_YOUR_CALM) => Status::resource_exhausted(message),
         Some(_) => Status::internal(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A request body that yields the given frames, then `Pending` (if `open`) or its end.
+    struct Frames {
+        frames: VecDeque<Frame<Bytes>>,
+        open: bool,
+    }
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            match self.frames.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None if self.open => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn body(frames: Vec<Frame<Bytes>>, open: bool) -> Body {
+        Body::new(Frames {
+            frames: frames.into(),
+            open,
+        })
+    }
+
+    #[test]
+    fn a_unary_message_is_taken_whole_with_its_end() {
+        let mut b = body(
+            vec![
+                Frame::data(Bytes::from_static(b"ab")),
+                Frame::data(Bytes::from_static(b"cd")),
+            ],
+            false,
+        );
+        let (message, rest) = take_ready(&mut b).expect("no error");
+        assert_eq!(&message[..], b"abcd");
+        assert!(matches!(rest, Rest::Ended));
+    }
+
+    #[test]
+    fn a_streaming_body_hands_over_what_is_ready_and_the_rest_follows() {
+        let mut b = body(vec![Frame::data(Bytes::from_static(b"first"))], true);
+        let (message, rest) = take_ready(&mut b).expect("no error");
+        assert_eq!(&message[..], b"first");
+        assert!(matches!(rest, Rest::More));
+        let mut empty = body(Vec::new(), true);
+        let (message, rest) = take_ready(&mut empty).expect("no error");
+        assert!(message.is_empty());
+        assert!(matches!(rest, Rest::More));
+    }
+
+    #[test]
+    fn trailers_end_the_ready_part() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-end", "1".parse().unwrap());
+        let mut b = body(
+            vec![
+                Frame::data(Bytes::from_static(b"m")),
+                Frame::trailers(trailers),
+            ],
+            false,
+        );
+        let (message, rest) = take_ready(&mut b).expect("no error");
+        assert_eq!(&message[..], b"m");
+        assert!(matches!(rest, Rest::Trailers(t) if t.get("x-end").is_some()));
+    }
+
+    #[test]
+    fn endpoints_are_host_and_port_with_at_most_an_http_scheme() {
+        let t = Duration::from_secs(1);
+        for ok in [
+            "127.0.0.1:7379",
+            "http://kord-0.kord:7379/",
+            " localhost:1 ",
+        ] {
+            Channel::lazy(ok, t).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        let err = Channel::lazy("https://h:7379", t).unwrap_err();
+        assert!(err.contains("\"https\""), "{err}");
+        let err = Channel::lazy("kord-0", t).unwrap_err();
+        assert!(err.contains("no port"), "{err}");
+        assert!(Channel::lazy("", t).is_err());
+    }
+
+    #[test]
+    fn a_refused_stream_is_unavailable_and_other_resets_keep_their_meaning() {
+        let refused = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        assert_eq!(status_of("a:1", &refused).code(), tonic::Code::Unavailable);
+        let cancel = h2::Error::from(h2::Reason::CANCEL);
+        assert_eq!(status_of("a:1", &cancel).code(), tonic::Code::Cancelled);
+        let calm = h2::Error::from(h2::Reason::ENHANCE_YOUR_CALM);
+        assert_eq!(
+            status_of("a:1", &calm).code(),
+            tonic::Code::ResourceExhausted
+        );
+        let internal = h2::Error::from(h2::Reason::INTERNAL_ERROR);
+        let status = status_of("a:1", &internal);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(
+            status.message().starts_with("a:1: "),
+            "{}",
+            status.message()
+        );
     }
 }
