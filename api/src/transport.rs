@@ -54,8 +54,8 @@ impl std::fmt::Debug for Channel {
 }
 
 struct Shared {
-    /// `host:port`, for connecting and for error messages.
-    addr: String,
+    /// `host:port`, for connecting and for error messages (shared with every response body).
+    addr: Arc<str>,
     authority: Authority,
     connect_timeout: Duration,
     live: std::sync::Mutex<Option<Connection>>,
@@ -92,7 +92,7 @@ impl Channel {
         }
         Ok(Channel {
             shared: Arc::new(Shared {
-                addr: host_port.to_owned(),
+                addr: host_port.into(),
                 authority,
                 connect_timeout,
                 live: std::sync::Mutex::new(None),
@@ -124,28 +124,24 @@ impl Shared {
         let (mut parts, mut body) = req.into_parts();
         parts.uri = self.uri_for(&parts.uri)?;
         let head = Request::from_parts(parts, ());
-        let send = conn
+        let mut send = conn
             .send
             .clone()
             .ready()
             .await
             .map_err(|e| self.lost(conn.id, &e))?;
         let (message, rest) = take_ready(&mut body)?;
-        let ends_with_headers = message.is_empty() && matches!(rest, Rest::Ended);
-        let mut send = send;
+        let ends = matches!(rest, Rest::Ended);
         let (response, mut stream) = send
-            .send_request(head, ends_with_headers)
+            .send_request(head, ends && message.is_empty())
             .map_err(|e| self.lost(conn.id, &e))?;
         // Queued before the connection task next writes, so it leaves with the headers. h2
         // buffers it until the stream has flow-control capacity; it is one encoded message,
         // already bounded by the request size limit.
-        if !ends_with_headers {
-            let ends = matches!(rest, Rest::Ended);
-            if !message.is_empty() || ends {
-                stream
-                    .send_data(message, ends)
-                    .map_err(|e| status_of(&self.addr, &e))?;
-            }
+        if !message.is_empty() {
+            stream
+                .send_data(message, ends)
+                .map_err(|e| status_of(&self.addr, &e))?;
         }
         match rest {
             Rest::Ended => {}
@@ -199,7 +195,7 @@ impl Shared {
 
     async fn connect(self: &Arc<Self>) -> Result<Connection, Status> {
         let unavailable = |what: String| Status::unavailable(format!("{}: {what}", self.addr));
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.addr))
             .await
             .map_err(|_| {
                 unavailable(format!(
@@ -250,7 +246,7 @@ async fn drive(
     mut pings: h2::PingPong,
     shared: Weak<Shared>,
     id: u64,
-    addr: String,
+    addr: Arc<str>,
 ) {
     tokio::pin!(connection);
     let mut tick = tokio::time::interval_at(
@@ -404,7 +400,7 @@ async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) {
 pub struct ResponseBody {
     recv: h2::RecvStream,
     data_done: bool,
-    addr: String,
+    addr: Arc<str>,
 }
 
 impl http_body::Body for ResponseBody {
