@@ -174,3 +174,57 @@ async fn clients_with_the_same_endpoints_spread_their_watches_over_the_members()
         "{CLIENTS} clients' watch streams per member: {streams:?}"
     );
 }
+
+/// Established TCP connections from this process's network namespace to `port` (the client
+/// ends, whose remote port is the server's), from `/proc/net/tcp`.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            remote_port == Some(port) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+/// A client holds one connection per endpoint it has used, and dropping its last handle closes
+/// them (the connection task does not keep a connection alive on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_client_closes_its_connection() {
+    let c = Cluster::start(1, ClusterOpts::default()).await;
+    let port = c.client_addr(1).port();
+    let before = connections_to(port);
+    let client = Client::connect([c.client_endpoint(1)])
+        .await
+        .expect("client");
+    let clone = client.clone();
+    for i in 0..20 {
+        clone.create(&format!("/d{i}"), "").await.expect("create");
+    }
+    assert_eq!(
+        connections_to(port),
+        before + 1,
+        "one connection for all the calls of a client and its clones"
+    );
+    drop(client);
+    drop(clone);
+    wait_until(
+        "the client's connection closed",
+        Duration::from_secs(10),
+        || async {
+            match connections_to(port) {
+                n if n == before => Ok(()),
+                n => Err(format!(
+                    "{n} connections to {port}, {before} before the client"
+                )),
+            }
+        },
+    )
+    .await;
+}
