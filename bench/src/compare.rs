@@ -352,7 +352,8 @@ pub fn markdown(reports: &[Report], rows: &[Row]) -> String {
     out.push_str(
         "Cells: throughput rows `ops/s (p50 / p99 ms)`, latency rows (fixed rate, watches) \
          `p50 / p99 ms`; `srv` = server CPU seconds over the measured window (all members) and \
-         that CPU time per operation. Ratios are \
+         that CPU time per operation; `client` = the bench process's CPU time per operation \
+         (the target's client library). Ratios are \
          Kord ÷ peer: ops/s for throughput rows (above 1: Kord faster), p99 for latency rows \
          (below 1: Kord faster).\n",
     );
@@ -426,6 +427,10 @@ fn cell(r: Option<&Report>, row: &Row) -> String {
     if let (Some(cpu), Some(ops)) = (r.server_cpu_s, r.ops.filter(|n| *n > 0)) {
         s.push_str(&format!(" = {:.0} µs/op", cpu * 1e6 / ops as f64));
     }
+    // The client library's share: it runs on the same cores as the servers.
+    if let (Some(cpu), Some(ops)) = (r.client_cpu_s, r.ops.filter(|n| *n > 0)) {
+        s.push_str(&format!(", client {:.0} µs/op", cpu * 1e6 / ops as f64));
+    }
     s
 }
 
@@ -441,5 +446,27 @@ fn ratio(kord: Option<&Report>, peer: Option<&Report>, row: &Row) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
         _ => "n/a".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throughput_cell_shows_server_and_client_cpu_per_operation() {
+        let r: Report = serde_json::from_str(
+            r#"{"target":"kord","setup":"1 node","workload":"write","clients":64,
+                "connections":8,"rate":null,"watchers":0,"value_size":256,"keys":1000,
+                "duration_s":3.0,"status":"ok","note":null,"ops":90000,"ops_per_sec":30000.0,
+                "p50_ms":1.9,"p90_ms":2.3,"p99_ms":3.2,"p999_ms":7.3,"max_ms":9.5,"errors":0,
+                "server_cpu_s":2.7,"client_cpu_s":1.2}"#,
+        )
+        .expect("a report line");
+        let row = Row::new(Workload::Write, 64, 8);
+        assert_eq!(
+            cell(Some(&r), &row),
+            "30,000 (1.90 / 3.20), srv 2.7 = 30 µs/op, client 13 µs/op"
+        );
     }
 }
