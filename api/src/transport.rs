@@ -443,9 +443,11 @@ impl http_body::Body for ResponseBody {
 /// reason keeps the mapping gRPC's HTTP/2 spec gives it.
 fn status_of(addr: &str, err: &h2::Error) -> Status {
     let message = format!("{addr}: {err}");
-    if err.is_io() || err.is_go_away() || err.is_library() && err.reason().is_none() {
+    // A GOAWAY carries a reason too, but it ends the connection, not one stream's request.
+    if err.is_go_away() {
         return Status::unavailable(message);
     }
+    // No reason: an I/O or library failure of the connection.
     match err.reason() {
         Some(h2::Reason::REFUSED_STREAM) | None => Status::unavailable(message),
         Some(h2::Reason::CANCEL) => Status::cancelled(message),

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 use crate::raft::{Raft, ServerState};
+use crate::server::accept_until_stopped;
 use crate::storage::state_machine::SharedState;
 
 /// A member is ready while it applies within this many entries of the commit index.
@@ -34,17 +35,7 @@ pub async fn serve(
     ctx: HttpContext,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
+    while let Some(stream) = accept_until_stopped(&listener, &mut shutdown, "http").await {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {

@@ -321,6 +321,27 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// The next connection on `listener`, or `None` once `stop` changes. A failed accept (out of
+/// file descriptors and the like) is logged and retried after a pause rather than in a spin.
+pub(crate) async fn accept_until_stopped(
+    listener: &TcpListener,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    what: &str,
+) -> Option<tokio::net::TcpStream> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => return Some(stream),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a {what} connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await

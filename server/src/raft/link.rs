@@ -30,6 +30,7 @@ use super::network::MAX_PEER_MESSAGE_BYTES;
 use super::peer_service::{RaftGate, Refusal};
 use super::{NodeId, Raft, TypeConfig};
 use crate::metrics::Metrics;
+use crate::server::accept_until_stopped;
 
 /// The first bytes of a link connection, and the receiver's answer to them.
 pub const MAGIC: &[u8; 8] = b"KORDLNK1";
@@ -277,19 +278,7 @@ pub fn accept_peer_port(
     let (to_grpc, incoming) = mpsc::channel(64);
     let mut stopped = stop.clone();
     tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        tracing::warn!(error = %e, "accepting a peer connection");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = stopped.changed() => return,
-            };
+        while let Some(stream) = accept_until_stopped(&listener, &mut stopped, "peer").await {
             // Without this, small replies wait ~40 ms for the peer's delayed ACK.
             let _ = stream.set_nodelay(true);
             let Some(links) = links.clone() else {

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use super::link::{LinkConn, LinkError, LinkReply};
 use super::peer_service::Refusal;
-use super::peers::{PeerGuard, REMOVED_HEADER, SENDER_ID_HEADER};
+use super::peers::{metadata_id, PeerGuard, REMOVED_HEADER, SENDER_ID_HEADER};
 use super::{KordNode, NodeId, TypeConfig};
 
 /// Request metadata naming the member a Raft RPC is meant for.
@@ -238,11 +238,7 @@ impl PeerConnection {
 
     /// A gRPC refusal of this member as removed stops the process ([`Self::note_refused_as`]).
     fn note_removal(&self, status: &tonic::Status) {
-        let removed = status
-            .metadata()
-            .get(REMOVED_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<NodeId>().ok());
+        let removed = metadata_id(status.metadata(), REMOVED_HEADER);
         if let (tonic::Code::PermissionDenied, Some(removed)) = (status.code(), removed) {
             self.note_refused_as(removed, status.message());
         }

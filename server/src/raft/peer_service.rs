@@ -11,7 +11,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::network::TARGET_ID_HEADER;
-use super::peers::{PeerGuard, REMOVED_HEADER, SENDER_ID_HEADER};
+use super::peers::{metadata_id, PeerGuard, REMOVED_HEADER, SENDER_ID_HEADER};
 use super::{NodeId, Raft, TypeConfig};
 use crate::claims::{ClaimWait, Claims};
 use crate::liveness::{LeaseQuery, Liveness};
@@ -120,19 +120,12 @@ impl RaftGate {
     }
 }
 
-fn header_id(req: &Request<Payload>, name: &str) -> Option<NodeId> {
-    req.metadata()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<NodeId>().ok())
-}
-
 impl PeerService {
     fn check(&self, req: &Request<Payload>) -> Result<(), Status> {
         self.gate
             .check(
-                header_id(req, TARGET_ID_HEADER),
-                header_id(req, SENDER_ID_HEADER),
+                metadata_id(req.metadata(), TARGET_ID_HEADER),
+                metadata_id(req.metadata(), SENDER_ID_HEADER),
             )
             .map_err(Refusal::into_status)
     }

@@ -19,6 +19,15 @@ pub const SENDER_ID_HEADER: &str = "kord-sender-id";
 /// Metadata on the refusal a removed member gets: its own id. Seeing it, the member stops.
 pub const REMOVED_HEADER: &str = "kord-removed-member";
 
+/// A member id carried in gRPC metadata under `name` (one of the headers above), if present
+/// and well formed.
+pub fn metadata_id(metadata: &tonic::metadata::MetadataMap, name: &str) -> Option<NodeId> {
+    metadata
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<NodeId>().ok())
+}
+
 pub struct PeerGuard {
     id: NodeId,
     contacts: Mutex<HashMap<NodeId, Instant>>,
