@@ -13,16 +13,18 @@
 //! with a single runtime thread (a one-CPU pod) it would stop all serving during every fsync,
 //! so there a flusher thread syncs instead.
 //!
-//! The state machine writes RocksDB without syncing; entries it has applied stay in the log
-//! until a purge, and a purged segment is deleted only after RocksDB's WAL was synced, which
-//! makes the purge point and every earlier state-machine write durable (one WAL, replayed in
-//! order). So no entry is deleted before the state that includes it is durable.
+//! The state machine writes RocksDB without its WAL (see `state_machine`): its batches are
+//! durable only once RocksDB flushes them to tables. Entries it has applied stay in the log
+//! until a purge, and a purge point is made durable only after that flush, right before the
+//! purged segments are deleted: so no entry is deleted, and no durable purge point passes an
+//! entry, before the state that includes it is durable. A crash before then finds the older
+//! purge point and the entries still there, and openraft applies them again.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Weak};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -50,6 +52,9 @@ pub struct LogStore {
     /// The flusher thread's queue of appends waiting for its next sync; `None`: each append is
     /// synced in the Raft core's task, right after the write ([`SyncMode`]).
     flusher: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    /// The latest purge point openraft gave; written to RocksDB only by the before-delete hook
+    /// (see the module comment), so the stored one may be older.
+    purged: Arc<Mutex<Option<LogId>>>,
 }
 
 /// Where an append is synced before it is reported (see the module comment).
@@ -136,12 +141,16 @@ impl LogStore {
         // page cache after a process crash): sync it before the log deletes anything by it.
         db.flush_wal(true)?;
         let last_purged: Option<LogId> = read_meta(&db, codec::LAST_PURGED)?;
-        // A purge writes its purge point without syncing; RocksDB's WAL is synced before any
-        // purged segment is deleted, which also makes every state-machine write before it
-        // durable (one WAL, replayed in order).
+        let purged = Arc::new(Mutex::new(last_purged));
+        // Before purged segments are deleted: the state machine's tables, then the purge point
+        // (read first: every entry up to it was applied when openraft purged it, so the flush
+        // covers it even if a later purge moves it meanwhile).
         let before_delete = {
-            let db = db.clone();
-            Arc::new(move || db.flush_wal(true).map_err(|e| e.to_string()))
+            let (db, purged) = (db.clone(), purged.clone());
+            Arc::new(move || {
+                let point = *purged.lock().unwrap_or_else(|e| e.into_inner());
+                persist_purge_point(&db, point).map_err(|e| e.to_string())
+            })
         };
         let log = Arc::new(
             LogFile::open(log_dir, segment_bytes, last_purged.map(|p| p.index))?
@@ -166,6 +175,7 @@ impl LogStore {
             committed: Arc::new(AtomicU64::new(0)),
             metrics,
             flusher,
+            purged,
         };
         if let Some(c) = read_meta::<Option<LogId>>(&store.db, codec::COMMITTED)?.flatten() {
             store.committed.store(c.index, Ordering::Relaxed);
@@ -288,7 +298,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let read = || -> Result<LogState<TypeConfig>, StoreError> {
-            let last_purged: Option<LogId> = read_meta(&self.db, codec::LAST_PURGED)?;
+            let last_purged = *self.purged.lock().unwrap_or_else(|e| e.into_inner());
             let last = self.last_entry_log_id()?.or(last_purged);
             Ok(LogState {
                 last_purged_log_id: last_purged,
@@ -377,22 +387,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let write = || -> Result<(), StoreError> {
-            let mut batch = WriteBatch::default();
-            batch.put_cf(
-                cf_handle(&self.db, cf::RAFT_META)?,
-                codec::LAST_PURGED,
-                codec::encode(&log_id),
-            );
-            // Not synced here, where it would hold up Raft's core: the log syncs RocksDB's WAL
-            // before it deletes a purged segment (see `open`). Until then a crash finds the
-            // older purge point and the entries still there.
-            self.db.write(batch)?;
-            self.log.purge(log_id.index)?;
-            Ok(())
-        };
-        write().map_err(log_err(ErrorVerb::Delete))
+        // Nothing is written here, where a flush would hold up Raft's core: the purge point is
+        // stored by the before-delete hook (see `open`).
+        *self.purged.lock().unwrap_or_else(|e| e.into_inner()) = Some(log_id);
+        self.log
+            .purge(log_id.index)
+            .map_err(|e| to_storage_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
+}
+
+/// Makes the state machine's writes durable (a flush of every column family, atomic), then
+/// stores `point` as the purge point, synced.
+fn persist_purge_point(db: &DB, point: Option<LogId>) -> Result<(), StoreError> {
+    super::flush_tables(db)?;
+    let Some(point) = point else {
+        return Ok(());
+    };
+    let mut batch = WriteBatch::default();
+    batch.put_cf(
+        cf_handle(db, cf::RAFT_META)?,
+        codec::LAST_PURGED,
+        codec::encode(&point),
+    );
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -80,6 +80,12 @@ impl StateMachineStore {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
         let applied = load_applied(&db)?;
+        // Entries after this one are applied again from the Raft log (see `apply_batch`).
+        tracing::info!(
+            applied_index = applied.last_applied.map_or(0, |l| l.index),
+            revision = applied.revision,
+            "loaded the state machine"
+        );
         let hub = WatchHub::new(applied.revision);
         Ok(StateMachineStore {
             db,
@@ -183,9 +189,15 @@ impl StateMachineStore {
                 codec::encode(&applied.membership),
             );
         }
-        // Not synced: the committed log entries are durable, and their segment is deleted only
-        // after a WAL sync, which makes this batch durable too (one WAL, replayed in order).
-        self.db.write_opt(batch, &WriteOptions::default())?;
+        // Without RocksDB's WAL, as etcd commits its backend: the committed entries are durable
+        // in the Raft log, and a crash that loses this batch (still in a memtable) makes
+        // openraft apply them again from there. A purged segment is deleted only after a flush
+        // made this batch durable (`log_store`). The WAL would cost a write per batch and, on
+        // the same disk, lengthen every log fsync (BENCHMARKS.md, "The state machine without
+        // RocksDB's WAL").
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.db.write_opt(batch, &opts)?;
         let revision = applied.revision;
         drop(guard);
         self.hub.publish(published, revision);
