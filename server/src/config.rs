@@ -123,8 +123,10 @@ pub struct Args {
     pub proposal_batch: usize,
 
     /// Log entries of client commands the leader keeps in flight (appended, not yet applied)
-    /// before it waits and batches.
-    #[arg(long, env = "KORD_PROPOSALS_IN_FLIGHT", default_value_t = 2)]
+    /// before it waits and batches. One is fastest on the machines measured (BENCHMARKS.md):
+    /// every entry costs a fixed amount of CPU on every member, so fewer, larger entries win
+    /// once writes are concurrent.
+    #[arg(long, env = "KORD_PROPOSALS_IN_FLIGHT", default_value_t = 1)]
     pub proposals_in_flight: usize,
 
     /// Largest znode value, in bytes.
