@@ -94,8 +94,10 @@ async fn assert_member_has(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_follower_catches_up_through_a_snapshot() {
+    // Snapshots every 20 entries: the load's 500 writes make anywhere from ~60 entries (8
+    // commands each, as the leader batches concurrent writes) to 500.
     let opts =
-        ClusterOpts::new().args(["--snapshot-count", "50", "--snapshot-catchup-entries", "10"]);
+        ClusterOpts::new().args(["--snapshot-count", "20", "--snapshot-catchup-entries", "10"]);
     let mut c = Cluster::start(3, opts).await;
     let leader = c.leader().await;
     let lagging = c.followers().await[0];
@@ -119,13 +121,14 @@ async fn lagging_follower_catches_up_through_a_snapshot() {
     let live: Vec<Kv> = c.live_ids().into_iter().map(|id| c.kv(id)).collect();
     snapshot_load(&live).await;
 
-    // The leader snapshotted (and so may compact) well past the end of the lagging log.
+    // The leader snapshotted well past the end of the lagging log: more than the 10 entries it
+    // keeps behind a snapshot, so the entries the lagging member needs next are purged.
     let lagging_end = before.last_log_index;
     let leader_status = wait_until("the leader to snapshot past the lagging member's log", Duration::from_secs(30), || {
         let c = &c;
         async move {
             let s = c.status(leader).await.map_err(|e| e.to_string())?;
-            if s.snapshot_index > leader_snapshot_before && s.snapshot_index > lagging_end + 100 {
+            if s.snapshot_index > leader_snapshot_before && s.snapshot_index > lagging_end + 20 {
                 Ok(s)
             } else {
                 Err(format!(
