@@ -7,9 +7,9 @@
 //! files").
 //!
 //! Layout: `<dir>/<sequence number, 20 digits>.log`, each allocated to its capacity and
-//! zero-filled up front (the next one by a helper thread while the active one fills). A record is a 16-byte header
-//! — payload length (u32 LE), CRC-32 of index and payload (u32 LE), log index (u64 LE) — then
-//! the payload. Everything after the last record of the last segment is zero; a zero length
+//! zero-filled up front (the next one by a helper thread while the active one fills). A record
+//! is a 16-byte header — payload length (u32 LE), CRC-32 of index and payload (u32 LE), log
+//! index (u64 LE) — then the payload. Everything after the last record of the last segment is zero; a zero length
 //! marks the end. Invariants that recovery relies on:
 //! - a segment is synced before any record is written to the next, so only the last segment
 //!   with records can end torn;
@@ -315,7 +315,7 @@ impl LogFile {
             active.first_index = *first;
             if !fits {
                 let need = buf.len() as u64;
-                allocate(&active.file, need).map_err(io_err(&active.path))?;
+                allocate(&active.file, &active.path, need)?;
                 active.file.sync_all().map_err(io_err(&active.path))?;
                 active.capacity = need;
             }
@@ -578,7 +578,7 @@ fn create_segment(
         .truncate(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    allocate(&file, capacity).map_err(io_err(&path))?;
+    allocate(&file, &path, capacity)?;
     file.sync_all().map_err(io_err(&path))?;
     sync_dir(dir)?;
     Ok(Segment {
@@ -722,21 +722,23 @@ fn zero_range(file: &File, path: &Path, from: u64, to: u64) -> Result<(), LogFil
 /// change that every log fsync then commits through the filesystem journal, waiting behind
 /// other files' data (RocksDB's) as well: 146 against 93 µs per fdatasync of 6 KB appends
 /// beside 32 MB/s of other writes (BENCHMARKS.md, "The state machine without RocksDB's WAL").
-fn allocate(file: &File, len: u64) -> io::Result<()> {
-    let size = libc::off_t::try_from(len).map_err(|_| io::Error::other("segment too large"))?;
+fn allocate(file: &File, path: &Path, len: u64) -> Result<(), LogFileError> {
+    let size = libc::off_t::try_from(len).map_err(|_| LogFileError::Io {
+        path: path.to_owned(),
+        source: io::Error::other("segment too large"),
+    })?;
     // SAFETY: the descriptor is open and owned by `file` for the duration of the call.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size) };
     if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
+        return Err(io_err(path)(io::Error::from_raw_os_error(rc)));
     }
-    let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+    // A chunk at a time: one large writeback would queue ahead of the log's own fsyncs.
     let mut at = 0;
     while at < len {
-        let n = ((len - at) as usize).min(zeros.len());
-        file.write_all_at(&zeros[..n], at)?;
-        // A chunk at a time: one large writeback would queue ahead of the log's own fsyncs.
-        file.sync_data()?;
-        at += n as u64;
+        let end = len.min(at + ZERO_CHUNK as u64);
+        zero_range(file, path, at, end)?;
+        file.sync_data().map_err(io_err(path))?;
+        at = end;
     }
     Ok(())
 }

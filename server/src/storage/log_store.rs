@@ -137,8 +137,9 @@ impl LogStore {
         metrics: Arc<Metrics>,
         mode: SyncMode,
     ) -> Result<Self, StoreError> {
-        // The purge point may have been recovered from the WAL's unsynced tail (still in the
-        // page cache after a process crash): sync it before the log deletes anything by it.
+        // Versions before 240fe28 wrote the purge point without syncing: one recovered from the
+        // WAL's unsynced tail (still in the page cache after a process crash) is synced before
+        // the log deletes anything by it.
         db.flush_wal(true)?;
         let last_purged: Option<LogId> = read_meta(&db, codec::LAST_PURGED)?;
         let purged = Arc::new(Mutex::new(last_purged));
@@ -195,10 +196,8 @@ impl LogStore {
 
     /// Writes a batch and syncs the WAL, recording how long the sync took.
     fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
         let start = Instant::now();
-        self.db.write_opt(batch, &opts)?;
+        write_batch_synced(&self.db, batch)?;
         self.metrics
             .fsync_seconds
             .observe(start.elapsed().as_secs_f64());
@@ -263,6 +262,11 @@ fn move_rocksdb_log(db: &DB, log: &LogFile, last_purged: Option<LogId>) -> Resul
     log.sync()?;
     let mut batch = WriteBatch::default();
     batch.delete_range_cf(cf, u64_key(0), u64_key(u64::MAX));
+    write_batch_synced(db, batch)
+}
+
+/// Writes a batch through RocksDB's WAL and syncs it.
+fn write_batch_synced(db: &DB, batch: WriteBatch) -> Result<(), StoreError> {
     let mut opts = WriteOptions::default();
     opts.set_sync(true);
     db.write_opt(batch, &opts)?;
@@ -409,10 +413,7 @@ fn persist_purge_point(db: &DB, point: Option<LogId>) -> Result<(), StoreError> 
         codec::LAST_PURGED,
         codec::encode(&point),
     );
-    let mut opts = WriteOptions::default();
-    opts.set_sync(true);
-    db.write_opt(batch, &opts)?;
-    Ok(())
+    write_batch_synced(db, batch)
 }
 
 #[cfg(test)]
