@@ -84,6 +84,7 @@ pub enum Op {
     Claim {
         parent: String,
         lease: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
 }
@@ -113,12 +114,14 @@ pub enum CreateMode {
 pub enum SubOp {
     Create {
         path: String,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         sequential: bool,
         mode: CreateMode,
     },
     Set {
         path: String,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         expected_version: Option<i32>,
     },
@@ -236,6 +239,7 @@ pub struct Event {
     /// The node's stat after the change (before it, for deletions).
     pub stat: Stat,
     /// The node's data after the change; empty for deletions and children changes.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// The node before the change (none for creations).
     pub prev: Option<Prev>,
@@ -244,6 +248,7 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prev {
     pub stat: Stat,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 

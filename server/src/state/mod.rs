@@ -48,6 +48,7 @@ pub struct Stat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredNode {
     pub stat: Stat,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 

@@ -8,13 +8,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 use super::codec;
 use super::StoreError;
 use crate::raft::SnapshotMeta;
 
-/// Raw RocksDB keys and values of one column family.
-pub type RawPairs = Vec<(Vec<u8>, Vec<u8>)>;
+/// Raw RocksDB keys and values of one column family. (`ByteBuf`s encode as a length and the
+/// bytes in one call; `Vec<u8>` would go through serde a byte at a time, to the same bytes.)
+pub type RawPairs = Vec<(ByteBuf, ByteBuf)>;
 
 /// The replicated state, as raw RocksDB keys and values (decoded only when loaded).
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -30,6 +32,7 @@ pub struct SnapshotData {
 pub struct StoredSnapshot {
     pub meta: SnapshotMeta,
     /// postcard-encoded [`SnapshotData`], exactly the bytes sent to other members.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 

@@ -16,6 +16,7 @@ use openraft::{
     EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot,
 };
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
+use serde_bytes::ByteBuf;
 
 use super::codec::{self, u64_key};
 use super::snapshot::{RawPairs, SnapshotData, SnapshotFile, StoredSnapshot};
@@ -305,8 +306,15 @@ where
     K: AsRef<[u8]>,
     V: AsRef<[u8]>,
 {
-    iter.map(|item| item.map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())))
-        .collect()
+    iter.map(|item| {
+        item.map(|(k, v)| {
+            (
+                ByteBuf::from(k.as_ref().to_vec()),
+                ByteBuf::from(v.as_ref().to_vec()),
+            )
+        })
+    })
+    .collect()
 }
 
 fn get_meta<T: serde::de::DeserializeOwned>(
