@@ -9,6 +9,7 @@ pub mod v1 {
     tonic::include_proto!("kord.v1");
 }
 
+pub mod coalesce;
 pub mod transport;
 
 pub mod peer {

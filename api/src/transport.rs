@@ -7,7 +7,8 @@
 //! stream), each a loopback packet both sides pay for: about half of the client's CPU in the
 //! 64-client write row went to those writes (BENCHMARKS.md, "The client transport"). Here a
 //! call's whole message is queued together with its headers, so the connection writes both in
-//! one go, and several calls' frames share a write when they come together.
+//! one go, and several calls' frames share a write when they come together (the socket is
+//! wrapped in [`CoalescedWrites`]).
 //!
 //! What tonic's channel did that this one must also do: connect lazily and again after the
 //! connection is lost (each call that finds no live connection waits for one attempt, bounded
@@ -28,6 +29,8 @@ use http::{HeaderMap, Request, Response, Uri};
 use http_body::{Body as _, Frame};
 use tokio::net::TcpStream;
 use tonic::body::Body;
+
+use crate::coalesce::CoalescedWrites;
 use tonic::Status;
 
 /// HTTP/2 pings on every connection this often, and a connection whose ping is not answered
@@ -209,7 +212,7 @@ impl Shared {
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(CoalescedWrites::new(tcp))
             .await
             .map_err(|e| unavailable(format!("HTTP/2 handshake: {e}")))?;
         let pings = connection
@@ -242,7 +245,7 @@ impl Shared {
 
 /// Runs one connection until it fails, closes or stops answering pings.
 async fn drive(
-    connection: h2::client::Connection<TcpStream, Bytes>,
+    connection: h2::client::Connection<CoalescedWrites<TcpStream>, Bytes>,
     mut pings: h2::PingPong,
     shared: Weak<Shared>,
     id: u64,

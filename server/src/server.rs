@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::{Stream, TryStreamExt};
+use kord_api::coalesce::CoalescedWrites;
 use kord_api::peer::peer_server::PeerServer;
 use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::cluster_server::ClusterServer;
@@ -314,11 +316,15 @@ async fn raft_stopped(raft: &Raft) -> String {
     }
 }
 
-/// Accepted connections with Nagle's algorithm off. tonic's `tcp_nodelay` setting does not
+/// Accepted connections with Nagle's algorithm off (tonic's `tcp_nodelay` setting does not
 /// reach connections from `serve_with_incoming*`: without this, small replies wait ~40 ms for
-/// the peer's delayed ACK.
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// the peer's delayed ACK), and replies that complete together written together.
+fn incoming(
+    listener: TcpListener,
+) -> impl Stream<Item = std::io::Result<CoalescedWrites<tokio::net::TcpStream>>> {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map_ok(CoalescedWrites::new)
 }
 
 /// The next connection on `listener`, or `None` once `stop` changes. A failed accept (out of
