@@ -335,11 +335,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not synced: after a crash openraft re-learns the commit index from the leader.
+        // A hint, written on every commit on every member: openraft applies up to it on
+        // restart and re-learns the rest from the leader, so a stale one is safe. So not
+        // synced, nor even in RocksDB's WAL (a write call per entry): it reaches the tables
+        // with the next flush, like the state machine's batches.
         let write = || -> Result<(), StoreError> {
             let cf = cf_handle(&self.db, cf::RAFT_META)?;
+            let mut opts = WriteOptions::default();
+            opts.disable_wal(true);
             self.db
-                .put_cf(cf, codec::COMMITTED, codec::encode(&committed))?;
+                .put_cf_opt(cf, codec::COMMITTED, codec::encode(&committed), &opts)?;
             Ok(())
         };
         write().map_err(log_err(ErrorVerb::Write))?;
