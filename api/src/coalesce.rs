@@ -6,11 +6,15 @@
 //! one `writev` per call on each side, each a loopback packet that the sender and the
 //! receiver both pay for in the kernel. Here the first write of a burst is put off until the
 //! runtime thread has run the tasks that are ready (`tokio::task::yield_now`'s deferred
-//! wake-up, which comes once the thread's run queue is empty or after at most a scheduler
-//! tick); the calls that completed meanwhile queue their frames too, and the connection writes
-//! them together. With nothing else ready the write goes out after one pass of the scheduler.
+//! wake-up, which comes once the thread's run queue is empty, or when it next checks for I/O
+//! events: every 61 tasks at the latest); the calls that completed meanwhile queue their
+//! frames too, and the connection writes them together. With nothing else ready the write goes out after one pass of the scheduler.
 //! At 64 writing clients on 3 members this took the leader from 0.87 socket writes per call
 //! to 0.28, and the client from 0.94 to 0.16.
+//!
+//! The cost: a thread that blocks (the Raft core syncs the log in its task) keeps its deferred
+//! wake-ups until it returns, as it keeps the task in its LIFO slot, so a write put off there
+//! waits for that sync too (about 0.1-0.2 ms).
 
 use std::future::Future;
 use std::io;
