@@ -38,6 +38,8 @@ enum Burst {
     Idle,
     /// The first write was put off; writes wait until this is set by the deferred wake-up
     /// (wake-ups from elsewhere, such as another call queueing frames, do not end the wait).
+    /// It wakes the task that tried that first write: the connection's own task, the only
+    /// one that polls the socket.
     PutOff(Arc<Release>),
     /// Put off once already: write, until the next flush.
     Writing,

@@ -335,16 +335,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // A hint, written on every commit on every member: openraft applies up to it on
-        // restart and re-learns the rest from the leader, so a stale one is safe. So not
-        // synced, nor even in RocksDB's WAL (a write call per entry): it reaches the tables
-        // with the next flush, like the state machine's batches.
+        // Through the WAL, not synced: after a crash openraft re-learns the commit index from
+        // the leader. It must survive a process crash, though: a snapshot file can be ahead of
+        // the state machine's tables, and openraft refuses to start with a snapshot above the
+        // commit point (without the WAL this failed `e2e/tests/sessions.rs`'s full restart).
+        // Before a snapshot file is saved the WAL is synced (`SnapshotBuilder::build`).
         let write = || -> Result<(), StoreError> {
             let cf = cf_handle(&self.db, cf::RAFT_META)?;
-            let mut opts = WriteOptions::default();
-            opts.disable_wal(true);
             self.db
-                .put_cf_opt(cf, codec::COMMITTED, codec::encode(&committed), &opts)?;
+                .put_cf(cf, codec::COMMITTED, codec::encode(&committed))?;
             Ok(())
         };
         write().map_err(log_err(ErrorVerb::Write))?;

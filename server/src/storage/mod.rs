@@ -1,8 +1,7 @@
 //! Storage. The Raft log's entries live in segment files ([`log_file`], behind
 //! [`log_store`]); everything else lives in one RocksDB database with several column families:
-//! the Raft metadata (the vote and the purge point, written synced through RocksDB's WAL; the
-//! commit point, a hint, without it), and the state machine ([`state_machine`]), written
-//! without the WAL and made durable by flushes. The
+//! the Raft metadata (vote, commit and purge points), written through RocksDB's WAL, and the
+//! state machine ([`state_machine`]), written without it and made durable by flushes. The
 //! database flushes all column families together (atomic flush), so the tables always hold
 //! the state machine as of one applied entry.
 

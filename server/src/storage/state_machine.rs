@@ -374,6 +374,13 @@ impl SnapshotBuilder {
             },
             data: codec::encode(&data),
         };
+        // On restart openraft requires the snapshot to be at or below the commit point, which
+        // it takes as the stored commit point or, if higher, the state machine's applied one.
+        // The snapshot file is synced but the state machine's tables may be older (they skip
+        // the WAL), and the commit point, written through the WAL before this entry was
+        // applied, is not synced: sync the WAL first, so that a power loss cannot leave a
+        // snapshot above every commit point on disk (the member would refuse to start).
+        self.db.flush_wal(true)?;
         self.snapshot_file.save(&stored)?;
         self.metrics.snapshots.inc();
         self.metrics.snapshot_bytes.set(stored.data.len() as i64);
