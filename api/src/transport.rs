@@ -29,9 +29,9 @@ use http::{HeaderMap, Request, Response, Uri};
 use http_body::{Body as _, Frame};
 use tokio::net::TcpStream;
 use tonic::body::Body;
+use tonic::Status;
 
 use crate::coalesce::CoalescedWrites;
-use tonic::Status;
 
 /// HTTP/2 pings on every connection this often, and a connection whose ping is not answered
 /// within the timeout is dropped: its calls fail as unavailable and the next call reconnects.

@@ -9,8 +9,8 @@
 //! Layout: `<dir>/<sequence number, 20 digits>.log`, each allocated to its capacity and
 //! zero-filled up front (the next one by a helper thread while the active one fills). A record
 //! is a 16-byte header — payload length (u32 LE), CRC-32 of index and payload (u32 LE), log
-//! index (u64 LE) — then the payload. Everything after the last record of the last segment is zero; a zero length
-//! marks the end. Invariants that recovery relies on:
+//! index (u64 LE) — then the payload. Everything after the last record of the last segment is
+//! zero; a zero length marks the end. Invariants that recovery relies on:
 //! - a segment is synced before any record is written to the next, so only the last segment
 //!   with records can end torn;
 //! - records are contiguous by index across segments (a gap only where everything before it
@@ -723,10 +723,8 @@ fn zero_range(file: &File, path: &Path, from: u64, to: u64) -> Result<(), LogFil
 /// other files' data (RocksDB's) as well: 146 against 93 µs per fdatasync of 6 KB appends
 /// beside 32 MB/s of other writes (BENCHMARKS.md, "The state machine without RocksDB's WAL").
 fn allocate(file: &File, path: &Path, len: u64) -> Result<(), LogFileError> {
-    let size = libc::off_t::try_from(len).map_err(|_| LogFileError::Io {
-        path: path.to_owned(),
-        source: io::Error::other("segment too large"),
-    })?;
+    let size = libc::off_t::try_from(len)
+        .map_err(|_| io_err(path)(io::Error::other("segment too large")))?;
     // SAFETY: the descriptor is open and owned by `file` for the duration of the call.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size) };
     if rc != 0 {

@@ -54,7 +54,21 @@ pub struct LogStore {
     flusher: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
     /// The latest purge point openraft gave; written to RocksDB only by the before-delete hook
     /// (see the module comment), so the stored one may be older.
-    purged: Arc<Mutex<Option<LogId>>>,
+    purged: PurgePoint,
+}
+
+/// The latest purge point, shared by the store and the log's before-delete hook.
+#[derive(Clone)]
+struct PurgePoint(Arc<Mutex<Option<LogId>>>);
+
+impl PurgePoint {
+    fn get(&self) -> Option<LogId> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, point: LogId) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(point);
+    }
 }
 
 /// Where an append is synced before it is reported (see the module comment).
@@ -142,16 +156,13 @@ impl LogStore {
         // the log deletes anything by it.
         db.flush_wal(true)?;
         let last_purged: Option<LogId> = read_meta(&db, codec::LAST_PURGED)?;
-        let purged = Arc::new(Mutex::new(last_purged));
+        let purged = PurgePoint(Arc::new(Mutex::new(last_purged)));
         // Before purged segments are deleted: the state machine's tables, then the purge point
         // (read first: every entry up to it was applied when openraft purged it, so the flush
         // covers it even if a later purge moves it meanwhile).
         let before_delete = {
             let (db, purged) = (db.clone(), purged.clone());
-            Arc::new(move || {
-                let point = *purged.lock().unwrap_or_else(|e| e.into_inner());
-                persist_purge_point(&db, point).map_err(|e| e.to_string())
-            })
+            Arc::new(move || persist_purge_point(&db, purged.get()).map_err(|e| e.to_string()))
         };
         let log = Arc::new(
             LogFile::open(log_dir, segment_bytes, last_purged.map(|p| p.index))?
@@ -302,7 +313,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let read = || -> Result<LogState<TypeConfig>, StoreError> {
-            let last_purged = *self.purged.lock().unwrap_or_else(|e| e.into_inner());
+            let last_purged = self.purged.get();
             let last = self.last_entry_log_id()?.or(last_purged);
             Ok(LogState {
                 last_purged_log_id: last_purged,
@@ -397,7 +408,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Nothing is written here, where a flush would hold up Raft's core: the purge point is
         // stored by the before-delete hook (see `open`).
-        *self.purged.lock().unwrap_or_else(|e| e.into_inner()) = Some(log_id);
+        self.purged.set(log_id);
         self.log
             .purge(log_id.index)
             .map_err(|e| to_storage_error(ErrorSubject::Logs, ErrorVerb::Delete, e))

@@ -306,15 +306,8 @@ where
     K: AsRef<[u8]>,
     V: AsRef<[u8]>,
 {
-    iter.map(|item| {
-        item.map(|(k, v)| {
-            (
-                ByteBuf::from(k.as_ref().to_vec()),
-                ByteBuf::from(v.as_ref().to_vec()),
-            )
-        })
-    })
-    .collect()
+    iter.map(|item| item.map(|(k, v)| (ByteBuf::from(k.as_ref()), ByteBuf::from(v.as_ref()))))
+        .collect()
 }
 
 fn get_meta<T: serde::de::DeserializeOwned>(
