@@ -12,8 +12,10 @@ command -v cargo >/dev/null 2>&1 || {
 }
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
-if [ -z "${LIBCLANG_PATH:-}" ] && ! compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null \
-  && ! compgen -G '/usr/lib/*-linux-gnu/libclang*.so*' >/dev/null; then
+# libclang itself, not libclang-cpp (which some toolchains install alone, and bindgen cannot use).
+if [ -z "${LIBCLANG_PATH:-}" ] && ! compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null \
+  && ! compgen -G '/usr/lib/*-linux-gnu/libclang.so*' >/dev/null \
+  && ! compgen -G '/usr/lib/*-linux-gnu/libclang-[0-9]*.so*' >/dev/null; then
   missing+=(libclang-dev clang)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
