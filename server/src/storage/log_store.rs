@@ -2,16 +2,23 @@
 //! commit point and the purge point in RocksDB. An appended entry is reported persisted to
 //! openraft only after its segment was synced; votes, truncations and purges are durable when
 //! they return.
+//!
 //! Appends are written at once (readable, not yet durable), synced, and only then reported.
-//! openraft 0.9.25 awaits each append's report inside its core before it runs anything else
-//! (`RaftCore::append_to_log`), so appends from one core never overlap: it is the proposal
-//! batcher (`proposal/batch.rs`) that makes concurrent writes share an fsync. The same wait
-//! makes a leader's fsync and its followers' round trip serial (see BENCHMARKS.md, "What limits
-//! each figure"). So the sync runs in the core's own task, right after the write: a separate
-//! flusher thread could never group appends and only cost two thread wake-ups per write. That
-//! blocks one runtime thread for the fsync, which is harmless while others serve requests;
-//! with a single runtime thread (a one-CPU pod) it would stop all serving during every fsync,
-//! so there a flusher thread syncs instead.
+//! Where the sync runs depends on who waits for the report ([`LogFlushed::is_awaited`]):
+//! - A follower's append is awaited by openraft's core before it answers the leader, so it is
+//!   synced in the core's own task, right after the write: a flusher thread would only add two
+//!   thread wake-ups. That blocks one runtime thread for the fsync, harmless while others serve
+//!   requests; with a single runtime thread (a one-CPU pod) it would stop all serving during
+//!   every fsync, so there the flusher thread syncs instead ([`SyncMode`]).
+//! - A leader's append is not awaited (Kord's openraft patch, `vendor/openraft/KORD-PATCH.md`):
+//!   the leader sends the entries to its followers while the flusher thread syncs them, and
+//!   counts itself toward the quorum only when the sync is reported. Appends that arrive during
+//!   a sync share the next one.
+//!
+//! The patch ignores a sync report from an earlier term, so [`LogStore::save_vote`] syncs the log
+//! before it stores a new vote: a leader of the new term may count its whole log as durable. The
+//! log is also synced on open, as a crashed process can leave written, unsynced records in the
+//! page cache, and openraft counts every record it finds as durable.
 //!
 //! The state machine writes RocksDB without its WAL (see `state_machine`): its batches are
 //! durable only once RocksDB flushes them to tables. Entries it has applied stay in the log
@@ -49,9 +56,10 @@ pub struct LogStore {
     /// The highest committed index openraft reported; shown in status and metrics.
     committed: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
-    /// The flusher thread's queue of appends waiting for its next sync; `None`: each append is
-    /// synced in the Raft core's task, right after the write ([`SyncMode`]).
-    flusher: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    /// The flusher thread's queue of appends waiting for its next sync.
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Where awaited appends are synced.
+    mode: SyncMode,
     /// The latest purge point openraft gave; written to RocksDB only by the before-delete hook
     /// (see the module comment), so the stored one may be older.
     purged: PurgePoint,
@@ -71,12 +79,13 @@ impl PurgePoint {
     }
 }
 
-/// Where an append is synced before it is reported (see the module comment).
+/// Where an append that openraft's core awaits is synced before it is reported (see the module
+/// comment); appends it does not await are always synced on the flusher thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
     /// In the Raft core's task: with two runtime threads or more.
     Inline,
-    /// On a flusher thread: with a single runtime thread, or outside a runtime.
+    /// On the flusher thread: with a single runtime thread, or outside a runtime.
     Flusher,
 }
 
@@ -169,24 +178,23 @@ impl LogStore {
                 .with_before_delete(before_delete),
         );
         move_rocksdb_log(&db, &log, last_purged)?;
-        let flusher = match mode {
-            SyncMode::Inline => None,
-            SyncMode::Flusher => {
-                let (flusher, waiting) = mpsc::channel();
-                let (log, metrics) = (Arc::downgrade(&log), metrics.clone());
-                std::thread::Builder::new()
-                    .name("kord-log-flush".into())
-                    .spawn(move || run_flusher(log, metrics, waiting))
-                    .map_err(|e| StoreError::Thread(e.to_string()))?;
-                Some(flusher)
-            }
-        };
+        // Records a crashed process wrote but never synced may still be in the page cache.
+        log.sync()?;
+        let (flusher, waiting) = mpsc::channel();
+        {
+            let (log, metrics) = (Arc::downgrade(&log), metrics.clone());
+            std::thread::Builder::new()
+                .name("kord-log-flush".into())
+                .spawn(move || run_flusher(log, metrics, waiting))
+                .map_err(|e| StoreError::Thread(e.to_string()))?;
+        }
         let store = LogStore {
             db,
             log,
             committed: Arc::new(AtomicU64::new(0)),
             metrics,
             flusher,
+            mode,
             purged,
         };
         if let Some(c) = read_meta::<Option<LogId>>(&store.db, codec::COMMITTED)?.flatten() {
@@ -329,6 +337,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let write = || -> Result<(), StoreError> {
+            // Appends whose sync is still on its way are made durable first (module comment).
+            self.log.sync()?;
             let mut batch = WriteBatch::default();
             batch.put_cf(
                 cf_handle(&self.db, cf::RAFT_META)?,
@@ -388,11 +398,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(to_storage_error(ErrorSubject::Logs, ErrorVerb::Write, e));
         }
-        let Some(flusher) = &self.flusher else {
+        if callback.is_awaited() && self.mode == SyncMode::Inline {
             callback.log_io_completed(sync_outcome(&sync_log(&self.log, &self.metrics)));
             return Ok(());
-        };
-        if let Err(mpsc::SendError(callback)) = flusher.send(callback) {
+        }
+        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
             // The flusher only stops when every store is gone; report rather than hang.
             callback.log_io_completed(Err(std::io::Error::other("the log flusher stopped")));
         }

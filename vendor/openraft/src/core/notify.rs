@@ -1,7 +1,11 @@
+use std::io;
+
 use crate::core::sm;
+use crate::display_ext::DisplayOptionExt;
 use crate::raft::VoteResponse;
 use crate::replication;
 use crate::MessageSummary;
+use crate::LogId;
 use crate::RaftTypeConfig;
 use crate::Vote;
 
@@ -34,6 +38,16 @@ where C: RaftTypeConfig
         // TODO: need this?
         // /// The cluster this replication works for.
         // membership_log_id: Option<LogId<C::NodeId>>,
+    },
+
+    /// Kord patch: a leader's own log append was synced (or failed to be); see
+    /// [`crate::storage::LogFlushed`].
+    LocalLogFlushed {
+        /// The leader's vote the entries were appended in.
+        vote: Vote<C::NodeId>,
+        /// The last entry of the append.
+        log_id: Option<LogId<C::NodeId>>,
+        result: Result<(), io::Error>,
     },
 
     /// Result of executing a command sent from network worker.
@@ -77,6 +91,14 @@ where C: RaftTypeConfig
                 format!(
                     "Seen a higher vote: target: {}, vote: {}, server_state_vote: {}",
                     target, new_vote, vote
+                )
+            }
+            Self::LocalLogFlushed { vote, log_id, result } => {
+                format!(
+                    "Local log flushed: vote: {}, upto: {}, ok: {}",
+                    vote,
+                    log_id.display(),
+                    result.is_ok()
                 )
             }
             Self::Network { response } => {

@@ -730,6 +730,16 @@ where
         Ok(())
     }
 
+    /// Kord patch: whether an append made in `vote` is the established leader's, with another
+    /// member to replicate to while it syncs.
+    fn replicates_while_flushing(&mut self, vote: &Vote<C::NodeId>) -> bool {
+        let id = self.id.clone();
+        match self.engine.leader_handler() {
+            Ok(lh) => &lh.leader.vote == vote && lh.leader.progress.iter().any(|(target, _)| target != &id),
+            Err(_) => false,
+        }
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     pub(crate) async fn apply_to_state_machine(
         &mut self,
@@ -1278,6 +1288,20 @@ where
                 }
             }
 
+            Notify::LocalLogFlushed { vote, log_id, result } => {
+                if let Err(e) = result {
+                    let err = StorageIOError::write_logs(AnyError::error(e));
+                    return Err(Fatal::StorageError(err.into()));
+                }
+                // A report from an earlier term is ignored: that term's entries may have been
+                // truncated since, and a new vote was saved only after they were synced.
+                if let Ok(mut lh) = self.engine.leader_handler() {
+                    if lh.leader.vote == vote {
+                        lh.replication_handler().update_local_progress(log_id);
+                    }
+                }
+            }
+
             Notify::Tick { i } => {
                 // check every timer
 
@@ -1637,12 +1661,23 @@ where
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
                 tracing::debug!("AppendInputEntries: {}", DisplaySlice::<_>(&entries),);
 
-                self.append_to_log(entries, vote, last_log_id.clone()).await?;
+                // Kord patch: a leader with others to replicate to does not wait for its own
+                // sync: the `Replicate` commands that follow run meanwhile, and the leader counts
+                // itself toward the quorum, and commits, only when `Notify::LocalLogFlushed`
+                // reports the sync (Raft thesis, 10.2.1). A new vote is saved only after every
+                // earlier append is synced (the storage's duty), so a later term never counts an
+                // unsynced entry.
+                if self.replicates_while_flushing(&vote) {
+                    let callback = LogFlushed::notifying(vote, last_log_id, self.tx_notify.clone());
+                    self.log_store.append(entries, callback).await?;
+                } else {
+                    self.append_to_log(entries, vote, last_log_id.clone()).await?;
 
-                // The leader may have changed.
-                // But reporting to a different leader is not a problem.
-                if let Ok(mut lh) = self.engine.leader_handler() {
-                    lh.replication_handler().update_local_progress(Some(last_log_id));
+                    // The leader may have changed.
+                    // But reporting to a different leader is not a problem.
+                    if let Ok(mut lh) = self.engine.leader_handler() {
+                        lh.replication_handler().update_local_progress(Some(last_log_id));
+                    }
                 }
             }
             Command::SaveVote { vote } => {

@@ -46,6 +46,11 @@ where C: RaftTypeConfig
     /// It is set when leader established.
     pub(crate) noop_log_id: Option<LogId<C::NodeId>>,
 
+    /// Kord patch: the last entry of this leader's own log known to be synced. A leader
+    /// replicates while its own append syncs (see `RaftCore`), and never commits past this, so
+    /// that what it applies and records as committed is always in its own durable log too.
+    pub(crate) local_flushed: Option<LogId<C::NodeId>>,
+
     /// Tracks the replication progress and committed index
     pub(crate) progress: VecProgress<C::NodeId, ProgressEntry<C::NodeId>, Option<LogId<C::NodeId>>, QS>,
 
@@ -112,6 +117,7 @@ where
             vote,
             last_log_id: last_log_id.clone(),
             noop_log_id,
+            local_flushed: None,
             progress: VecProgress::new(
                 quorum_set.clone(),
                 learner_ids.iter().cloned(),

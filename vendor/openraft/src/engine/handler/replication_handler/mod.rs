@@ -221,6 +221,9 @@ where C: RaftTypeConfig
     /// In raft a log that is granted and in the leader term is committed.
     #[tracing::instrument(level = "debug", skip_all)]
     pub(crate) fn try_commit_quorum_accepted(&mut self, granted: Option<LogId<C::NodeId>>) {
+        // Kord patch: not past the leader's own synced log (see `Leader::local_flushed`).
+        let granted = granted.min(self.leader.local_flushed.clone());
+
         // Only when the log id is proposed by current leader, it is committed.
         if let Some(c) = granted.clone() {
             if !self.state.vote_ref().is_same_leader(c.committed_leader_id()) {
@@ -448,6 +451,16 @@ where C: RaftTypeConfig
         }
 
         let id = self.config.id.clone();
+
+        if upto > self.leader.local_flushed {
+            self.leader.local_flushed = upto.clone();
+            // A leader outside the membership has no progress entry below, whose update would
+            // retry the commit that may have waited only for this sync.
+            if self.leader.progress.try_get(&id).is_none() {
+                let granted = self.leader.progress.granted().clone();
+                self.try_commit_quorum_accepted(granted);
+            }
+        }
 
         // The leader may not be in membership anymore
         if let Some(prog_entry) = self.leader.progress.get_mut(&id) {
