@@ -675,14 +675,26 @@ impl Cluster {
 
     // ---- status -------------------------------------------------------------------------------
 
-    /// Cluster.Status of member `id`, bounded by a 2 s timeout.
+    /// Cluster.Status of member `id`, bounded by a 2 s timeout, and checked to come from this
+    /// cluster's member (see [`Cluster::check_identity`]).
     pub async fn status(&self, id: u64) -> Result<StatusResponse, Status> {
         let mut client = self.cluster_client(id);
         match tokio::time::timeout(STATUS_TIMEOUT, client.status(StatusRequest {})).await {
-            Ok(result) => result.map(|r| r.into_inner()),
+            Ok(result) => result.and_then(|r| self.check_identity(id, r.into_inner())),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "e2e: Status of member {id} took over {STATUS_TIMEOUT:?}"
             ))),
+        }
+    }
+
+    /// Refuses a Status from a server that is not member `id` of this cluster (see
+    /// [`not_the_member`]).
+    fn check_identity(&self, id: u64, status: StatusResponse) -> Result<StatusResponse, Status> {
+        let m = self.member(id);
+        let peer = format!("{}:{}", m.host.ip, m.peer_port);
+        match not_the_member(id, &peer, &status) {
+            Some(why) => Err(Status::failed_precondition(why)),
+            None => Ok(status),
         }
     }
 
@@ -857,5 +869,73 @@ pub fn assert_same_state(statuses: &[StatusResponse]) {
             "members diverge:\n  {}",
             summary.join("\n  ")
         );
+    }
+}
+
+/// Why `status` did not come from member `id` listening for peers at `peer`, if it did not.
+///
+/// Tests run in parallel, each on ports that were free a moment before its members bound them.
+/// If another test's server took member `id`'s client port first, that server answers there
+/// while this member is still starting (and about to exit, unable to bind): startup must not
+/// take it for this member. A member lists its own peer address, which the other server would
+/// have to share too. One that does not list itself (not yet joined, or removed) is told apart
+/// by its id only.
+fn not_the_member(id: u64, peer: &str, status: &StatusResponse) -> Option<String> {
+    let listed = status.members.iter().find(|m| m.id == id);
+    if status.member_id == id && listed.is_none_or(|m| m.peer_addr == peer) {
+        return None;
+    }
+    let members: Vec<String> = status
+        .members
+        .iter()
+        .map(|m| format!("{}={}", m.id, m.peer_addr))
+        .collect();
+    Some(format!(
+        "e2e: the server on member {id}'s client port is member {} with members {members:?}, \
+         not member {id} at peer address {peer}: another test's server took the port",
+        status.member_id
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use kord_api::v1::Member;
+
+    use super::*;
+
+    fn status(member_id: u64, members: &[(u64, &str)]) -> StatusResponse {
+        StatusResponse {
+            member_id,
+            members: members
+                .iter()
+                .map(|&(id, peer)| Member {
+                    id,
+                    peer_addr: peer.to_owned(),
+                    ..Member::default()
+                })
+                .collect(),
+            ..StatusResponse::default()
+        }
+    }
+
+    #[test]
+    fn a_status_from_another_clusters_server_is_not_taken_for_the_member() {
+        let own = "127.0.0.1:4001";
+        // This member, alone or among others.
+        assert_eq!(not_the_member(1, own, &status(1, &[(1, own)])), None);
+        let three = [(1, own), (2, "127.0.0.1:4002"), (3, "127.0.0.1:4003")];
+        assert_eq!(not_the_member(1, own, &status(1, &three)), None);
+        // Not listed (joining, or removed): told apart by its id only.
+        assert_eq!(
+            not_the_member(2, own, &status(2, &[(1, "127.0.0.1:4009")])),
+            None
+        );
+        assert_eq!(not_the_member(2, own, &status(2, &[])), None);
+        // Another test's member 1, on this member's client port: a different peer address.
+        let why = not_the_member(1, own, &status(1, &[(1, "127.0.0.1:5001")]))
+            .expect("another cluster's member 1 refused");
+        assert!(why.contains("127.0.0.1:5001") && why.contains(own), "{why}");
+        // Another member id.
+        assert!(not_the_member(2, own, &status(3, &[])).is_some());
     }
 }
