@@ -3,15 +3,15 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::kv_client::KvClient;
 use kord_api::v1::{
     ChildrenRequest, CompactRequest, Consistency, CreateRequest, DeleteRequest, ExistsRequest,
-    GetRequest, LeaseGrantRequest, LeaseRevokeRequest, SetRequest, Stat, StatusRequest,
-    StatusResponse, TxnRequest, WriteId,
+    GetRequest, LeaseGrantRequest, LeaseRevokeRequest, Member, MemberRole, SetRequest, Stat,
+    StatusRequest, StatusResponse, TxnRequest, WriteId,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -42,6 +42,7 @@ pub struct ClientBuilder {
     max_retries: Option<u32>,
     retry_budget: Duration,
     consistency: Consistency,
+    auto_sync: Option<Duration>,
 }
 
 impl ClientBuilder {
@@ -53,6 +54,7 @@ impl ClientBuilder {
             max_retries: None,
             retry_budget: DEFAULT_RETRY_BUDGET,
             consistency: Consistency::Linearizable,
+            auto_sync: None,
         }
     }
 
@@ -88,6 +90,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Replaces the endpoint list with the cluster's members this often (as
+    /// [`Client::sync_endpoints`] does), so that a long-lived client follows members that are
+    /// added, replaced or removed (as etcd's `AutoSyncInterval`). Default: never; the list
+    /// stays as given.
+    pub fn auto_sync_interval(mut self, interval: Duration) -> Self {
+        self.auto_sync = Some(interval);
+        self
+    }
+
     /// Builds the channels (they connect on first use) and, with several endpoints, asks them
     /// who leads. Fails only on a malformed or empty endpoint list: an unreachable cluster shows
     /// up on the first call instead, so a client can be made before the servers are up.
@@ -103,17 +114,14 @@ impl ClientBuilder {
         }
         let endpoints = addrs
             .into_iter()
-            .map(|addr| {
-                let channel = lazy_channel(&addr, self.connect_timeout)?;
-                Ok(EndpointConn { addr, channel })
-            })
+            .map(|addr| EndpointConn::new(&addr, self.connect_timeout))
             .collect::<Result<Vec<_>, Error>>()?;
         // Each client starts on an endpoint of its own choosing, as ZooKeeper's clients shuffle
         // their server list: the watches, local reads and status calls of many clients given
         // the same list then spread over the members instead of all landing on the first.
         let first = rand::random_range(0..endpoints.len());
         let inner = Arc::new(Inner {
-            endpoints,
+            endpoints: RwLock::new(Arc::new(endpoints)),
             leader: AtomicUsize::new(NO_LEADER),
             current: AtomicUsize::new(first),
             discovering: AtomicBool::new(false),
@@ -124,8 +132,11 @@ impl ClientBuilder {
             retry_budget: self.retry_budget,
             watches: std::sync::Mutex::default(),
         });
-        if inner.endpoints.len() > 1 {
+        if inner.endpoint_list().len() > 1 {
             inner.discover().await;
+        }
+        if let Some(interval) = self.auto_sync {
+            spawn_auto_sync(Arc::downgrade(&inner), interval);
         }
         Ok(Client {
             inner,
@@ -142,16 +153,29 @@ pub struct Client {
     consistency: Consistency,
 }
 
-#[derive(Debug)]
+/// One endpoint and its channel; clones share the connection.
+#[derive(Debug, Clone)]
 pub(crate) struct EndpointConn {
-    pub(crate) addr: String,
+    pub(crate) addr: Arc<str>,
     pub(crate) channel: Channel,
+}
+
+impl EndpointConn {
+    fn new(addr: &str, connect_timeout: Duration) -> Result<EndpointConn, Error> {
+        Ok(EndpointConn {
+            addr: addr.into(),
+            channel: lazy_channel(addr, connect_timeout)?,
+        })
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Inner {
-    pub(crate) endpoints: Vec<EndpointConn>,
-    /// Index of the leader's endpoint, or `NO_LEADER`.
+    /// Replaced whole by [`Client::sync_endpoints`]; a call works on the list it picked from.
+    endpoints: RwLock<Arc<Vec<EndpointConn>>>,
+    /// Index of the leader's endpoint, or `NO_LEADER`. Indexes are into the current list; one
+    /// taken from a replaced list may point at another endpoint, which costs at most a
+    /// preference or a discovery.
     leader: AtomicUsize,
     /// Endpoint for requests that need no leader, or when the leader is unknown: a random one
     /// at first, advanced past an endpoint when a call to it fails.
@@ -243,22 +267,44 @@ impl Client {
     /// The endpoints as given (trimmed), in order.
     pub fn endpoints(&self) -> Vec<String> {
         self.inner
-            .endpoints
+            .endpoint_list()
             .iter()
-            .map(|e| e.addr.clone())
+            .map(|e| e.addr.to_string())
             .collect()
     }
 
     /// The endpoint believed to reach the leader, if any is known.
     pub fn leader_endpoint(&self) -> Option<String> {
         let idx = self.inner.leader.load(Ordering::Relaxed);
-        self.inner.endpoints.get(idx).map(|e| e.addr.clone())
+        self.inner
+            .endpoint_list()
+            .get(idx)
+            .map(|e| e.addr.to_string())
     }
 
     /// Asks every endpoint who leads now, instead of waiting for a failure to prompt it.
     pub async fn refresh_leader(&self) -> Option<String> {
-        let idx = self.inner.discover().await?;
-        self.inner.endpoints.get(idx).map(|e| e.addr.clone())
+        let (list, idx) = self.inner.discover().await?;
+        list.get(idx).map(|e| e.addr.to_string())
+    }
+
+    /// Replaces the endpoint list with the client addresses of the cluster's voters and
+    /// observers, as the leader lists them (learners still catching up are left out, as etcd's
+    /// `Sync` leaves them out), and returns it. A client given one endpoint then reaches every
+    /// member, and one that lives through membership changes reaches the new members and stops
+    /// trying removed ones. Endpoints already in the list keep their connections. Fails, and
+    /// keeps the list, when the members cannot be listed or none has a client address.
+    pub async fn sync_endpoints(&self) -> Result<Vec<String>, Error> {
+        let list = self.member_list().await?;
+        let addrs = serving_addrs(&list.members);
+        if addrs.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "no member lists a client address: {:?}",
+                list.members
+            )));
+        }
+        self.inner.replace_endpoints(&addrs)?;
+        Ok(addrs)
     }
 
     /// Default consistency of this handle's reads.
@@ -549,11 +595,8 @@ impl Client {
     /// The cluster as one given endpoint (`host:port`) sees it, with a single attempt: for
     /// inspecting a particular member, where an answer from another would be misleading.
     pub async fn status_of(&self, endpoint: &str) -> Result<StatusResponse, Error> {
-        let known = self
-            .inner
-            .endpoints
-            .iter()
-            .find(|e| same_addr(&e.addr, endpoint));
+        let list = self.inner.endpoint_list();
+        let known = list.iter().find(|e| same_addr(&e.addr, endpoint));
         let channel = match known {
             Some(e) => e.channel.clone(),
             None => lazy_channel(endpoint, self.inner.connect_timeout)?,
@@ -608,8 +651,7 @@ impl Client {
         let mut backoff = BACKOFF_START;
         let mut retries: u32 = 0;
         loop {
-            let idx = inner.pick(kind.prefers_leader());
-            let endpoint = &inner.endpoints[idx];
+            let (idx, endpoint) = inner.pick(kind.prefers_leader());
             let err = match inner
                 .attempt(&endpoint.addr, attempt(endpoint.channel.clone()))
                 .await
@@ -682,21 +724,28 @@ impl Inner {
         (tx, *last_key)
     }
 
-    pub(crate) fn pick(&self, prefer_leader: bool) -> usize {
-        let n = self.endpoints.len();
-        if prefer_leader {
-            let leader = self.leader.load(Ordering::Relaxed);
-            if leader < n {
-                return leader;
-            }
-        }
-        self.current.load(Ordering::Relaxed) % n
+    /// The current endpoint list.
+    pub(crate) fn endpoint_list(&self) -> Arc<Vec<EndpointConn>> {
+        Arc::clone(&self.endpoints.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The endpoint for the next attempt, and its index (for [`Inner::note_failure`]).
+    pub(crate) fn pick(&self, prefer_leader: bool) -> (usize, EndpointConn) {
+        let list = self.endpoint_list();
+        let n = list.len();
+        let leader = self.leader.load(Ordering::Relaxed);
+        let idx = if prefer_leader && leader < n {
+            leader
+        } else {
+            self.current.load(Ordering::Relaxed) % n
+        };
+        (idx, list[idx].clone())
     }
 
     /// Stops preferring a failed endpoint and relearns the leader in the background. The
     /// compare-exchanges make concurrent failures of one endpoint advance past it only once.
     pub(crate) fn note_failure(self: &Arc<Self>, idx: usize) {
-        let n = self.endpoints.len();
+        let n = self.endpoint_list().len();
         let _ = self
             .leader
             .compare_exchange(idx, NO_LEADER, Ordering::Relaxed, Ordering::Relaxed);
@@ -723,13 +772,14 @@ impl Inner {
         });
     }
 
-    /// Asks every endpoint for its status at once and records which one reaches the leader.
-    /// Also moves `current` off an endpoint that did not answer.
-    async fn discover(&self) -> Option<usize> {
+    /// Asks every endpoint for its status at once and records which one reaches the leader
+    /// (unless the list was replaced meanwhile). Also moves `current` off an endpoint that did
+    /// not answer. Returns the list it asked and the leader's index in it.
+    async fn discover(&self) -> Option<(Arc<Vec<EndpointConn>>, usize)> {
         let timeout = self.request_timeout.min(DISCOVERY_TIMEOUT);
+        let list = self.endpoint_list();
         // Spawned rather than awaited in place so the endpoints are asked concurrently.
-        let asks: Vec<_> = self
-            .endpoints
+        let asks: Vec<_> = list
             .iter()
             .map(|e| {
                 let mut cluster = ClusterClient::new(e.channel.clone());
@@ -745,19 +795,80 @@ impl Inner {
         for ask in asks {
             replies.push(ask.await.ok().flatten());
         }
-        let addrs: Vec<&str> = self.endpoints.iter().map(|e| e.addr.as_str()).collect();
+        let addrs: Vec<&str> = list.iter().map(|e| &*e.addr).collect();
         let leader = find_leader(&addrs, &replies);
-        if let Some(idx) = leader {
-            self.leader.store(idx, Ordering::Relaxed);
-        }
-        let current = self.current.load(Ordering::Relaxed) % self.endpoints.len();
-        if replies[current].is_none() {
-            if let Some(alive) = replies.iter().position(Option::is_some) {
-                self.current.store(alive, Ordering::Relaxed);
+        // Under the lock that a replacement takes to write, so indexes found in a replaced
+        // list are not stored.
+        let current_list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        if Arc::ptr_eq(&current_list, &list) {
+            if let Some(idx) = leader {
+                self.leader.store(idx, Ordering::Relaxed);
+            }
+            let current = self.current.load(Ordering::Relaxed) % list.len();
+            if replies[current].is_none() {
+                if let Some(alive) = replies.iter().position(Option::is_some) {
+                    self.current.store(alive, Ordering::Relaxed);
+                }
             }
         }
-        leader
+        drop(current_list);
+        leader.map(|idx| (list, idx))
     }
+
+    /// Makes `addrs` the endpoint list, keeping the channels of endpoints already in it, and
+    /// carries the leader and current endpoint over by address.
+    fn replace_endpoints(&self, addrs: &[String]) -> Result<(), Error> {
+        let old = self.endpoint_list();
+        let new: Vec<EndpointConn> = addrs
+            .iter()
+            .map(|addr| match old.iter().find(|e| same_addr(&e.addr, addr)) {
+                Some(known) => Ok(EndpointConn {
+                    addr: addr.as_str().into(),
+                    channel: known.channel.clone(),
+                }),
+                None => EndpointConn::new(addr, self.connect_timeout),
+            })
+            .collect::<Result<_, Error>>()?;
+        let mut list = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        let position_of = |idx: usize| {
+            let addr = &list.get(idx)?.addr;
+            new.iter().position(|e| same_addr(&e.addr, addr))
+        };
+        let leader = position_of(self.leader.load(Ordering::Relaxed)).unwrap_or(NO_LEADER);
+        let current = position_of(self.current.load(Ordering::Relaxed) % list.len())
+            .unwrap_or_else(|| rand::random_range(0..new.len()));
+        self.leader.store(leader, Ordering::Relaxed);
+        self.current.store(current, Ordering::Relaxed);
+        *list = Arc::new(new);
+        Ok(())
+    }
+}
+
+/// Syncs the endpoint list every `interval` for as long as the client lives (see
+/// [`ClientBuilder::auto_sync_interval`]). A failed sync keeps the list and is tried again at
+/// the next tick.
+fn spawn_auto_sync(inner: Weak<Inner>, interval: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let client = Client {
+                inner,
+                consistency: Consistency::Linearizable,
+            };
+            match client.sync_endpoints().await {
+                Ok(addrs) => tracing::debug!(?addrs, "endpoints synced"),
+                Err(e) => tracing::debug!(error = %e, "endpoint sync failed; keeping the list"),
+            }
+        }
+    });
 }
 
 /// Picks the endpoint that reaches the leader named by the most recent term among `replies`
@@ -782,6 +893,25 @@ fn find_leader(addrs: &[&str], replies: &[Option<StatusResponse>]) -> Option<usi
         .position(|addr| same_addr(addr, &member.client_addr))
 }
 
+/// The client addresses of the members a client should use: voters and observers that
+/// publish one it can connect to (a member listening on `0.0.0.0` without
+/// `--advertise-client` publishes that, which names no host).
+fn serving_addrs(members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| m.role != MemberRole::Learner as i32)
+        .map(|m| m.client_addr.trim())
+        .filter(|addr| !addr.is_empty() && !names_no_host(addr))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn names_no_host(addr: &str) -> bool {
+    strip_scheme(addr)
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified())
+}
+
 fn strip_scheme(addr: &str) -> &str {
     let addr = addr.trim().trim_end_matches('/');
     addr.split_once("://").map_or(addr, |(_, rest)| rest)
@@ -799,7 +929,6 @@ fn lazy_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, Error>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kord_api::v1::Member;
 
     fn status(member_id: u64, leader_id: u64, term: u64, leader_addr: &str) -> StatusResponse {
         StatusResponse {
@@ -840,6 +969,29 @@ mod tests {
         assert_eq!(find_leader(&addrs, &replies), Some(1));
         let replies = [Some(status(1, 0, 3, "")), None];
         assert_eq!(find_leader(&addrs, &replies), None);
+    }
+
+    #[test]
+    fn synced_endpoints_are_voters_and_observers_with_an_address() {
+        let member = |id: u64, role: MemberRole, addr: &str| Member {
+            id,
+            role: role as i32,
+            client_addr: addr.to_owned(),
+            ..Member::default()
+        };
+        let members = [
+            member(1, MemberRole::Voter, "10.0.0.1:7379"),
+            member(2, MemberRole::Learner, "10.0.0.2:7379"),
+            member(3, MemberRole::Observer, " 10.0.0.3:7379 "),
+            member(4, MemberRole::Voter, ""),
+            member(5, MemberRole::Voter, "0.0.0.0:7379"),
+            member(6, MemberRole::Voter, "http://[::]:7379"),
+            member(7, MemberRole::Voter, "kord-7.kord.svc:7379"),
+        ];
+        assert_eq!(
+            serving_addrs(&members),
+            ["10.0.0.1:7379", "10.0.0.3:7379", "kord-7.kord.svc:7379"]
+        );
     }
 
     #[test]

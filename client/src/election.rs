@@ -287,8 +287,7 @@ async fn observe_task(client: Client, name: String, tx: mpsc::Sender<Result<Lead
     let mut dedup = Dedup::default();
     let mut backoff = BACKOFF_START;
     loop {
-        let idx = inner.pick(true);
-        let endpoint = &inner.endpoints[idx];
+        let (idx, endpoint) = inner.pick(true);
         let mut election = ElectionClient::new(endpoint.channel.clone());
         // Only opening the stream is bounded; it then stays open as long as it lives.
         let open = election.observe(Request::new(LeaderRequest { name: name.clone() }));

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Streaming};
 
-use crate::client::Inner;
+use crate::client::{EndpointConn, Inner};
 use crate::Error;
 
 /// Refreshes go out this many times per TTL.
@@ -81,9 +81,10 @@ pub(crate) fn spawn<O: Observer>(
     tokio::spawn(pinger.run(first_ping, observer))
 }
 
-/// One open stream, to the endpoint at `idx`.
+/// One open stream, to `endpoint` (at `idx` in the list it was picked from).
 struct Conn {
     idx: usize,
+    endpoint: EndpointConn,
     tx: mpsc::Sender<LeaseKeepAliveRequest>,
     rx: Streaming<LeaseKeepAliveResponse>,
 }
@@ -140,17 +141,17 @@ impl Pinger {
     /// One refresh over the open stream, opening one first if needed. Any failure closes the
     /// stream and makes the client prefer another member next time.
     async fn ping(&mut self) -> Result<Duration, PingError> {
-        let idx = match &self.conn {
-            Some(conn) => conn.idx,
+        let (idx, endpoint) = match &self.conn {
+            Some(conn) => (conn.idx, conn.endpoint.clone()),
             None => self.inner.pick(true),
         };
-        let result = tokio::time::timeout(self.reply_timeout, self.exchange(idx)).await;
+        let result = tokio::time::timeout(self.reply_timeout, self.exchange(idx, &endpoint)).await;
         let err = match result {
             Ok(Ok(resp)) => return Ok(Duration::from_millis(resp.ttl_ms)),
             Ok(Err(err)) => err,
             Err(_) => Error::Timeout(format!(
                 "{}: no keep-alive reply within {}",
-                self.inner.endpoints[idx].addr,
+                endpoint.addr,
                 humantime::format_duration(self.reply_timeout)
             )),
         };
@@ -162,9 +163,13 @@ impl Pinger {
         Err(PingError::Failed(err))
     }
 
-    async fn exchange(&mut self, idx: usize) -> Result<LeaseKeepAliveResponse, Error> {
+    async fn exchange(
+        &mut self,
+        idx: usize,
+        endpoint: &EndpointConn,
+    ) -> Result<LeaseKeepAliveResponse, Error> {
         let req = LeaseKeepAliveRequest { id: self.id };
-        let addr = &self.inner.endpoints[idx].addr;
+        let addr = &*endpoint.addr;
         if let Some(conn) = &self.conn {
             conn.tx
                 .send(req)
@@ -174,13 +179,18 @@ impl Pinger {
             let (tx, rx) = mpsc::channel(4);
             // Queued before the call, so the request stream never starts empty.
             let _ = tx.try_send(req);
-            let mut lease = LeaseClient::new(self.inner.endpoints[idx].channel.clone());
+            let mut lease = LeaseClient::new(endpoint.channel.clone());
             let rx = lease
                 .keep_alive(Request::new(ReceiverStream::new(rx)))
                 .await
                 .map_err(|s| with_addr(addr, Error::from_status(&s)))?
                 .into_inner();
-            self.conn = Some(Conn { idx, tx, rx });
+            self.conn = Some(Conn {
+                idx,
+                endpoint: endpoint.clone(),
+                tx,
+                rx,
+            });
         }
         let Some(conn) = &mut self.conn else {
             return Err(Error::protocol("keep-alive stream vanished"));

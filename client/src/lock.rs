@@ -219,8 +219,7 @@ where
     let deadline = wait.map(|w| Instant::now() + w);
     let mut backoff = BACKOFF_START;
     loop {
-        let idx = inner.pick(true);
-        let endpoint = &inner.endpoints[idx];
+        let (idx, endpoint) = inner.pick(true);
         let mut attempt = req.clone();
         // With a deadline, the server answers DEADLINE_EXCEEDED at it; the local limit only
         // catches a member that never answers. Past the deadline (after a retry) the attempt

@@ -181,8 +181,7 @@ impl Client {
         let mut backoff = BACKOFF_START;
         let mut retries: u32 = 0;
         loop {
-            let idx = inner.pick(true);
-            let endpoint = &inner.endpoints[idx];
+            let (idx, endpoint) = inner.pick(true);
             let left = budget.saturating_sub(started.elapsed()).min(timeout);
             let result = tokio::time::timeout(
                 left + Duration::from_secs(1),

@@ -139,7 +139,7 @@ struct Entry {
 
 struct Stream {
     idx: usize,
-    addr: String,
+    addr: Arc<str>,
     requests: mpsc::UnboundedSender<WatchRequest>,
     responses: Streaming<WatchResponse>,
     /// The stream has delivered something.
@@ -245,7 +245,7 @@ impl Mux {
                 }
                 () = sleep_until(deadline) => {
                     let timeout = self.request_timeout;
-                    let addr = self.stream.as_ref().map_or("", |s| s.addr.as_str());
+                    let addr = self.stream.as_ref().map_or("", |s| &*s.addr);
                     After::Failed {
                         err: Error::Timeout(format!(
                             "{addr}: watch not acknowledged within {}",
@@ -365,8 +365,7 @@ impl Mux {
 
     /// Opens a stream to the next endpoint, with every pending watch's creation queued on it.
     async fn connect(&mut self, inner: &Arc<Inner>) -> After {
-        let idx = inner.pick(false);
-        let endpoint = &inner.endpoints[idx];
+        let (idx, endpoint) = inner.pick(false);
         let (requests, rx) = mpsc::unbounded_channel();
         // Queued before the call, so the request stream never starts empty.
         self.create_pending(&requests);
@@ -440,12 +439,7 @@ impl Mux {
     }
 
     fn message(&mut self, message: Result<Option<WatchResponse>, tonic::Status>) -> After {
-        let addr = || {
-            self.stream
-                .as_ref()
-                .map_or("", |s| s.addr.as_str())
-                .to_owned()
-        };
+        let addr = || self.stream.as_ref().map_or("", |s| &*s.addr).to_owned();
         let resp = match message {
             Ok(Some(resp)) => resp,
             Ok(None) => {
