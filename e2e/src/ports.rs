@@ -76,11 +76,16 @@ fn ephemeral_ports(n: usize) -> Vec<u16> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
+    use std::sync::Mutex;
 
     use super::*;
 
+    /// These tests take and check ports around each other's picks: one at a time.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
     #[test]
     fn ports_are_distinct_free_and_below_the_ephemeral_range() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let range = below_ephemeral();
         let mut seen = HashSet::new();
         for _ in 0..50 {
@@ -99,12 +104,12 @@ mod tests {
 
     #[test]
     fn a_port_in_use_is_skipped() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let Some(range) = below_ephemeral() else {
             return;
         };
         let span = u32::from(range.end - range.start);
-        // Take the port that is next in turn; no other test of this binary picks ports between
-        // these lines unless it runs at the same time, and then the port is still in use by us.
+        // Take the port that is next in turn, so that the next pick must skip it.
         let next = next_offset(span).load(Ordering::Relaxed);
         let port = range.start + (next % span) as u16;
         let Ok(taken) = TcpListener::bind(("127.0.0.1", port)) else {
