@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kord_api::v1::cluster_client::ClusterClient;
 use kord_api::v1::kv_client::KvClient;
-use kord_api::v1::{StatusRequest, StatusResponse};
+use kord_api::v1::{MemberRole, StatusRequest, StatusResponse};
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
@@ -716,6 +716,23 @@ impl Cluster {
             timeout,
             || self.agreed_leader(),
         )
+        .await
+    }
+
+    /// Waits (up to `timeout`) until member `via` lists member `id` as a voter.
+    pub async fn wait_voter(&self, via: u64, id: u64, timeout: Duration) {
+        let what = format!("member {via} to list member {id} as a voter");
+        wait_until(&what, timeout, || async {
+            let members = self.status(via).await.map_err(|e| e.to_string())?.members;
+            let voter = members
+                .iter()
+                .any(|m| m.id == id && m.role == MemberRole::Voter as i32);
+            if voter {
+                Ok(())
+            } else {
+                Err(format!("members: {members:?}"))
+            }
+        })
         .await
     }
 

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kord_client::{Client, Error};
-use kord_e2e::v1::MemberRole;
 use kord_e2e::*;
 
 /// `host:port`, as members publish their client addresses.
@@ -15,6 +14,19 @@ fn bare(endpoint: &str) -> String {
 
 fn addrs_of(c: &Cluster, ids: &[u64]) -> BTreeSet<String> {
     ids.iter().map(|id| bare(&c.client_endpoint(*id))).collect()
+}
+
+/// Waits until the client's endpoint list is `want`.
+async fn wait_for_list(client: &Client, want: BTreeSet<String>, what: &str) {
+    wait_until(what, Duration::from_secs(10), || async {
+        let got: BTreeSet<String> = client.endpoints().into_iter().collect();
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    })
+    .await
 }
 
 /// A client given one member learns the others, and then outlives that member. Without the
@@ -77,37 +89,18 @@ async fn auto_sync_follows_members_that_join_and_leave() {
         .connect()
         .await
         .expect("client");
-    let listed = || client.endpoints().into_iter().collect::<BTreeSet<String>>();
-
     // A member joins as a learner, then becomes a voter; the list takes it in only then.
     c.spawn_joining(4, &[]);
-    wait_until("member 4 is a voter", Duration::from_secs(30), || async {
-        let members = client
-            .member_list()
-            .await
-            .map_err(|e| e.to_string())?
-            .members;
-        let voter = members
-            .iter()
-            .any(|m| m.id == 4 && m.role == MemberRole::Voter as i32);
-        if voter {
-            Ok(())
-        } else {
-            Err(format!("{members:?}"))
-        }
-    })
-    .await;
-    let want = addrs_of(&c, &[1, 2, 3, 4]);
-    wait_until("the list has member 4", Duration::from_secs(10), || async {
-        match listed() {
-            got if got == want => Ok(()),
-            got => Err(format!("{got:?}")),
-        }
-    })
+    c.wait_voter(1, 4, Duration::from_secs(30)).await;
+    wait_for_list(
+        &client,
+        addrs_of(&c, &[1, 2, 3, 4]),
+        "the list has member 4",
+    )
     .await;
 
     // A member that does not lead leaves (a leader must hand over first).
-    let leader = client.member_list().await.expect("member list").leader_id;
+    let leader = c.leader().await;
     let gone = *[1, 2, 3]
         .iter()
         .find(|id| **id != leader)
@@ -117,16 +110,10 @@ async fn auto_sync_follows_members_that_join_and_leave() {
         .await
         .expect("remove a member");
     let kept: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|id| *id != gone).collect();
-    let want = addrs_of(&c, &kept);
-    wait_until(
+    wait_for_list(
+        &client,
+        addrs_of(&c, &kept),
         "the list drops the removed member",
-        Duration::from_secs(10),
-        || async {
-            match listed() {
-                got if got == want => Ok(()),
-                got => Err(format!("{got:?}")),
-            }
-        },
     )
     .await;
     // Left running: the removed member and one other of the first three go; the last of them

@@ -6,7 +6,6 @@ use std::time::Duration;
 use kord_e2e::ports::free_ports;
 use kord_e2e::v1::cluster_client::ClusterClient;
 use kord_e2e::v1::kv_client::KvClient;
-use kord_e2e::v1::MemberRole;
 use kord_e2e::*;
 
 /// Kills the joined member when the test ends, passing or not.
@@ -46,26 +45,7 @@ async fn empty_member_joins_a_running_cluster_as_a_voter() {
             .expect("spawn joining member"),
     );
 
-    wait_until("member 2 is a voter", Duration::from_secs(30), || {
-        let mut cluster = c.cluster_client(1);
-        async move {
-            let members = cluster
-                .status(v1::StatusRequest {})
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner()
-                .members;
-            let voter = members
-                .iter()
-                .any(|m| m.id == 2 && m.role == MemberRole::Voter as i32);
-            if voter {
-                Ok(())
-            } else {
-                Err(format!("members: {members:?}"))
-            }
-        }
-    })
-    .await;
+    c.wait_voter(1, 2, Duration::from_secs(30)).await;
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{client}"))
         .expect("endpoint")

@@ -733,9 +733,9 @@ where
     /// Kord patch: whether an append made in `vote` is the established leader's, with another
     /// member to replicate to while it syncs.
     fn replicates_while_flushing(&mut self, vote: &Vote<C::NodeId>) -> bool {
-        let id = self.id.clone();
+        let id = &self.id;
         match self.engine.leader_handler() {
-            Ok(lh) => &lh.leader.vote == vote && lh.leader.progress.iter().any(|(target, _)| target != &id),
+            Ok(lh) => &lh.leader.vote == vote && lh.leader.progress.iter().any(|(target, _)| target != id),
             Err(_) => false,
         }
     }
