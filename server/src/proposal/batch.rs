@@ -2,13 +2,15 @@
 //!
 //! At most `in_flight` entries of client commands are appended and not yet applied at a time.
 //! While they are in flight, new commands queue here; the next entry takes all of them (up to
-//! the batch limits). A lone command never waits: with nothing in flight it goes at once, so
-//! batching adds no latency when idle and amortizes the per-entry cost (Raft bookkeeping, log
-//! append, fsync, replication message, apply call) when busy, as etcd and ZooKeeper do.
-//! Entries are handed to Raft in arrival order by one task. One exception to "never waits":
-//! commands that keep arriving in pairs at an idle leader are put in one entry ([`Pairing`]).
+//! the batch limits). A lone command never waits: with nothing in flight and nothing queued
+//! its caller hands it to Raft itself ([`Gate::direct_slot`]), so batching adds no latency
+//! when idle and amortizes the per-entry cost (Raft bookkeeping, log append, fsync, replication
+//! message, apply call) when busy, as etcd and ZooKeeper do. Queued commands are handed to Raft
+//! in arrival order by one task. Concurrent calls have no order to keep (each came on its own
+//! stream). One exception to "never waits": commands that keep arriving in pairs at an idle
+//! leader are put in one entry ([`Pairing`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,31 +137,147 @@ fn fail_others(others: Vec<oneshot::Sender<Delivery>>, e: ProposeError) -> Forwa
     Err(e)
 }
 
-/// Queues commands for the batching task.
+/// Queues commands for the batching task, or hands a command to Raft itself when the leader is
+/// idle.
 #[derive(Clone)]
 pub(super) struct Batcher {
     queue: mpsc::UnboundedSender<Pending>,
+    shared: Arc<Shared>,
+}
+
+/// What the batching task and callers taking the direct path share.
+struct Shared {
+    id: NodeId,
+    raft: Raft,
+    gate: Gate,
+}
+
+/// Decides which commands may skip the batching task.
+struct Gate {
+    /// Entries in flight, at most (`Batching::in_flight`).
+    slots: usize,
+    in_flight: Arc<Semaphore>,
+    /// Commands queued or being formed into an entry: not yet handed to Raft.
+    unproposed: AtomicUsize,
+    pairing: std::sync::Mutex<Pairing>,
+    commit_time: CommitTime,
 }
 
 impl Batcher {
     /// Starts the batching task; it ends when every `Batcher` clone is gone.
     pub(super) fn start(id: NodeId, raft: Raft, limits: Batching) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(id, raft, limits, rx));
-        Batcher { queue }
+        let slots = limits.in_flight.max(1);
+        let shared = Arc::new(Shared {
+            id,
+            raft,
+            gate: Gate::new(slots),
+        });
+        tokio::spawn(run(shared.clone(), limits, rx));
+        Batcher { queue, shared }
     }
 
     /// Proposes `cmd` in the next batch and waits for its apply result.
     pub(super) async fn propose(&self, cmd: Command) -> ForwardReply {
+        if let Some(permit) = self.shared.gate.direct_slot() {
+            let mut finish = Vec::with_capacity(1);
+            let entry = self
+                .shared
+                .hand_to_raft(vec![cmd], permit, &mut finish)
+                .await;
+            return match entry {
+                Ok(entry) => entry.finish().await,
+                Err(e) => Err(e),
+            };
+        }
+        self.shared.gate.unproposed.fetch_add(1, Ordering::SeqCst);
         let (reply, rx) = oneshot::channel();
-        self.queue
-            .send(Pending { cmd, reply })
-            .map_err(|_| ProposeError::Stopped("the proposal queue is closed".into()))?;
+        if self.queue.send(Pending { cmd, reply }).is_err() {
+            self.shared.gate.unproposed.fetch_sub(1, Ordering::SeqCst);
+            return Err(ProposeError::Stopped("the proposal queue is closed".into()));
+        }
         match rx.await {
             Ok(Delivery::Done(reply)) => reply,
             Ok(Delivery::Finish(entry)) => entry.finish().await,
             Err(_) => Err(ProposeError::Stopped("the proposal was dropped".into())),
         }
+    }
+}
+
+impl Gate {
+    fn new(slots: usize) -> Self {
+        Gate {
+            slots,
+            in_flight: Arc::new(Semaphore::new(slots)),
+            unproposed: AtomicUsize::new(0),
+            pairing: std::sync::Mutex::new(Pairing::default()),
+            commit_time: CommitTime::default(),
+        }
+    }
+
+    fn pairing(&self) -> std::sync::MutexGuard<'_, Pairing> {
+        // Pairing only tunes batching; its state is valid whatever a panic interrupted.
+        self.pairing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.available_permits() == self.slots
+    }
+
+    /// An in-flight slot for a command that goes to Raft directly, without the batching task:
+    /// when no entry is in flight, no command waits to be proposed, and pairing holds nothing
+    /// back. Batching has nothing to add then, and the task would only cost two wake-ups on the
+    /// write's path (the task's, and the caller's for the entry to finish). Measured on one
+    /// member, 1 client: 5.1 context switches per write instead of 6.1, and about 30 µs less
+    /// server CPU per write (BENCHMARKS.md).
+    fn direct_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if self.unproposed.load(Ordering::SeqCst) != 0 || !self.idle() {
+            return None;
+        }
+        let mut pairing = self.pairing();
+        if pairing.wait {
+            return None;
+        }
+        let permit = self.in_flight.clone().try_acquire_owned().ok()?;
+        let now = Instant::now();
+        // Not waiting, so the command goes at once (perhaps as a near miss, which makes the
+        // next pair wait, through the task).
+        let waits = pairing.on_first(now, true, self.commit_time.pair_window());
+        debug_assert!(!waits, "pairing waits only when it said so before");
+        pairing.on_proposed(now, 1, false);
+        Some(permit)
+    }
+}
+
+impl Shared {
+    /// Hands one entry of `commands` to Raft. Returns the entry for its first command's caller
+    /// to finish; the others' reply senders are in `others`, which it takes.
+    async fn hand_to_raft(
+        &self,
+        mut commands: Vec<Command>,
+        permit: OwnedSemaphorePermit,
+        others: &mut Vec<oneshot::Sender<Delivery>>,
+    ) -> Result<EntryFinisher, ProposeError> {
+        // The leader's clock, stamped once per entry, so apply never reads one.
+        let time_ms = now_ms();
+        for cmd in &mut commands {
+            cmd.time_ms = time_ms;
+        }
+        let applied = self
+            .raft
+            .client_write_ff(Proposal { commands })
+            .await
+            .map_err(|fatal| ProposeError::Stopped(fatal.to_string()))?;
+        Ok(EntryFinisher {
+            parts: Some(EntryParts {
+                id: self.id,
+                applied,
+                others: std::mem::take(others),
+                permit,
+                proposed: Instant::now(),
+                commit_time: self.gate.commit_time.clone(),
+            }),
+        })
     }
 }
 
@@ -254,20 +372,17 @@ async fn wait_for_partner(rx: &mpsc::UnboundedReceiver<Pending>, until: Instant)
     }
 }
 
-async fn run(id: NodeId, raft: Raft, limits: Batching, mut rx: mpsc::UnboundedReceiver<Pending>) {
-    let slots = limits.in_flight.max(1);
-    let in_flight = Arc::new(Semaphore::new(slots));
-    let mut pairing = Pairing::default();
-    let commit_time = CommitTime::default();
+async fn run(shared: Arc<Shared>, limits: Batching, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let gate = &shared.gate;
     while let Some(first) = rx.recv().await {
-        let idle = in_flight.available_permits() == slots;
+        let idle = gate.idle();
         let mut waited_in_vain = false;
-        let window = commit_time.pair_window();
-        if pairing.on_first(Instant::now(), idle, window) {
+        let window = gate.commit_time.pair_window();
+        if gate.pairing().on_first(Instant::now(), idle, window) {
             waited_in_vain = !wait_for_partner(&rx, Instant::now() + window).await;
         }
         // Waiting here is what forms batches: commands arriving meanwhile join this one.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        let Ok(permit) = gate.in_flight.clone().acquire_owned().await else {
             return;
         };
         let mut bytes = first.cmd.approx_size();
@@ -281,37 +396,25 @@ async fn run(id: NodeId, raft: Raft, limits: Batching, mut rx: mpsc::UnboundedRe
                 Err(_) => break,
             }
         }
-        // The leader's clock, stamped once per entry, so apply never reads one.
-        let time_ms = now_ms();
-        let mut commands = Vec::with_capacity(batch.len());
-        let mut replies = Vec::with_capacity(batch.len());
-        for Pending { mut cmd, reply } in batch {
-            cmd.time_ms = time_ms;
-            commands.push(cmd);
-            replies.push(reply);
-        }
-        let count = commands.len();
-        pairing.on_proposed(Instant::now(), count, waited_in_vain);
-        match raft.client_write_ff(Proposal { commands }).await {
-            Ok(applied) => {
-                let mut replies = replies.into_iter();
-                let first = replies.next().expect("a batch has a command");
-                let entry = EntryFinisher {
-                    parts: Some(EntryParts {
-                        id,
-                        applied,
-                        others: replies.collect(),
-                        permit,
-                        proposed: Instant::now(),
-                        commit_time: commit_time.clone(),
-                    }),
-                };
-                // A first caller that is gone drops the entry unfinished: it finishes on a
-                // task.
+        let count = batch.len();
+        let (commands, replies): (Vec<Command>, Vec<_>) =
+            batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        gate.pairing()
+            .on_proposed(Instant::now(), count, waited_in_vain);
+        let mut replies = replies.into_iter();
+        let first = replies.next().expect("a batch has a command");
+        let mut others: Vec<_> = replies.collect();
+        let entry = shared.hand_to_raft(commands, permit, &mut others).await;
+        // Handed to Raft (or failed): the direct path may go again once the entry is answered.
+        gate.unproposed.fetch_sub(count, Ordering::SeqCst);
+        match entry {
+            // A first caller that is gone drops the entry unfinished: it finishes on a task.
+            Ok(entry) => {
                 let _ = first.send(Delivery::Finish(entry));
             }
-            Err(fatal) => {
-                fail_all(replies, ProposeError::Stopped(fatal.to_string()));
+            Err(e) => {
+                fail_all(others, e.clone());
+                let _ = first.send(Delivery::Done(Err(e)));
                 return;
             }
         }
@@ -449,6 +552,33 @@ mod tests {
         for rx in others {
             assert!(matches!(done(rx), Err(ProposeError::Stopped(_))));
         }
+    }
+
+    #[test]
+    fn only_a_command_at_an_idle_leader_with_nothing_queued_skips_the_task() {
+        let gate = Gate::new(1);
+        let held = gate.direct_slot().expect("idle: goes directly");
+        assert!(gate.direct_slot().is_none(), "an entry is in flight");
+        drop(held);
+        gate.unproposed.fetch_add(1, Ordering::SeqCst);
+        assert!(gate.direct_slot().is_none(), "a command is queued");
+        gate.unproposed.fetch_sub(1, Ordering::SeqCst);
+        gate.pairing().wait = true;
+        assert!(gate.direct_slot().is_none(), "pairing holds commands back");
+        gate.pairing().wait = false;
+        assert!(gate.direct_slot().is_some());
+    }
+
+    #[test]
+    fn a_near_miss_on_the_direct_path_sends_the_next_pair_through_the_task() {
+        let gate = Gate::new(1);
+        gate.commit_time.record(Duration::from_secs(1)); // the widest window
+        drop(gate.direct_slot().expect("the first goes directly"));
+        // Its partner, right behind it, goes at once too, as a near miss...
+        drop(gate.direct_slot().expect("a near miss goes at once"));
+        // ...and from then on pairs wait for each other in the task.
+        assert!(gate.pairing().wait);
+        assert!(gate.direct_slot().is_none());
     }
 
     const US: Duration = Duration::from_micros(1);
