@@ -177,6 +177,8 @@ async fn run_requests(cfg: &RunConfig, id: &str) -> anyhow::Result<Report> {
             let mut res = WorkerResult::default();
             let mut next = interval.map(|iv| start + iv * i as u32 / n);
             let mut issued = 0u64;
+            // When this client's previous operation completed.
+            let mut prev_done: Option<Instant> = None;
             while issued < max_ops && Instant::now() < end {
                 let intended = match (next.as_mut(), interval) {
                     (Some(next), Some(iv)) => {
@@ -197,6 +199,13 @@ async fn run_requests(cfg: &RunConfig, id: &str) -> anyhow::Result<Report> {
                 let t0 = Instant::now();
                 let outcome = tokio::time::timeout(op_timeout, w.step()).await;
                 let t1 = Instant::now();
+                // Paced: how long the previous operation held this one past its intended
+                // start, which the target caused. The timer's own lateness is not counted:
+                // tokio's timers fire up to a millisecond late, which made every paced
+                // operation look a millisecond slower, whatever the target.
+                let held =
+                    prev_done.map_or(Duration::ZERO, |d| d.saturating_duration_since(intended));
+                prev_done = Some(t1);
                 if intended < warm_end {
                     continue;
                 }
@@ -205,10 +214,11 @@ async fn run_requests(cfg: &RunConfig, id: &str) -> anyhow::Result<Report> {
                         if t1 > end {
                             continue; // finished after the window: not counted either way
                         }
-                        // From the intended start, so a paced run's queueing shows.
+                        // Queueing behind a slow previous operation counts, so a paced
+                        // run shows it (closed loop: `held` is zero).
                         let lat = match part {
-                            Some(d) => d + (t0 - intended),
-                            None => t1 - intended,
+                            Some(d) => d + held,
+                            None => (t1 - t0) + held,
                         };
                         res.ops += 1;
                         let _ = local.record((lat.as_micros() as u64).max(1));
