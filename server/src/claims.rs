@@ -182,7 +182,7 @@ impl Claims {
     /// way is correct, since every member applies the same queue; only the wake-up's delay
     /// differs. While the cluster elects a leader this member may not be able to confirm its
     /// state either: the claim is still queued, so the wait goes on until its deadline.
-    #[tracing::instrument(skip_all, fields(key = %claim.key))]
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %claim.key))]
     pub async fn wait_first(
         &self,
         claim: &Claim,
@@ -242,7 +242,7 @@ impl Claims {
     }
 
     /// Serves a follower's forwarded wait on this member (normally the leader).
-    #[tracing::instrument(skip_all, fields(key = %wait.claim.key))]
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %wait.claim.key))]
     pub async fn serve_forwarded_wait(&self, wait: ClaimWait) -> WaitReply {
         self.metrics.claim_waits_served.inc();
         // The follower sends at most one slice; an absurd value just means no deadline.

@@ -111,7 +111,7 @@ type ObserveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaderResponse, Status
 
 #[tonic::async_trait]
 impl Lock for LockService {
-    #[tracing::instrument(skip_all, fields(member = self.id, name = %req.get_ref().name, lease = req.get_ref().lease_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(member = self.id, name = %req.get_ref().name, lease = req.get_ref().lease_id))]
     async fn lock(
         &self,
         req: Request<pb::LockRequest>,
