@@ -180,10 +180,9 @@ impl Batcher {
     /// Proposes `cmd` in the next batch and waits for its apply result.
     pub(super) async fn propose(&self, cmd: Command) -> ForwardReply {
         if let Some(permit) = self.shared.gate.direct_slot() {
-            let mut finish = Vec::with_capacity(1);
             let entry = self
                 .shared
-                .hand_to_raft(vec![cmd], permit, &mut finish)
+                .hand_to_raft(vec![cmd], permit, &mut Vec::new())
                 .await;
             return match entry {
                 Ok(entry) => entry.finish().await,
