@@ -154,6 +154,29 @@ struct WorkerResult {
     first_error: Option<String>,
 }
 
+/// When one operation was due, started and done, and when the client's previous one was done.
+struct OpTimes {
+    intended: Instant,
+    prev_done: Option<Instant>,
+    started: Instant,
+    done: Instant,
+}
+
+impl OpTimes {
+    /// The operation's latency: its own time (or the part of it the worker measured), plus how
+    /// long the previous operation held it past its intended start, which the target caused.
+    /// So a paced run shows queueing, and a closed loop (intended = started) adds nothing. The
+    /// pacing timer's own lateness is not counted: tokio's timers fire up to a millisecond
+    /// late, which made every paced operation look up to a millisecond slower, whatever the
+    /// target.
+    fn latency(&self, part: Option<Duration>) -> Duration {
+        let held = self.prev_done.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(self.intended)
+        });
+        part.unwrap_or(self.done - self.started) + held
+    }
+}
+
 async fn run_requests(cfg: &RunConfig, id: &str) -> anyhow::Result<Report> {
     let workers = build_workers(cfg, id)
         .await
@@ -199,12 +222,12 @@ async fn run_requests(cfg: &RunConfig, id: &str) -> anyhow::Result<Report> {
                 let t0 = Instant::now();
                 let outcome = tokio::time::timeout(op_timeout, w.step()).await;
                 let t1 = Instant::now();
-                // Paced: how long the previous operation held this one past its intended
-                // start, which the target caused. The timer's own lateness is not counted:
-                // tokio's timers fire up to a millisecond late, which made every paced
-                // operation look a millisecond slower, whatever the target.
-                let held =
-                    prev_done.map_or(Duration::ZERO, |d| d.saturating_duration_since(intended));
+                let op = OpTimes {
+                    intended,
+                    prev_done,
+                    started: t0,
+                    done: t1,
+                };
                 prev_done = Some(t1);
                 if intended < warm_end {
                     continue;
@@ -214,12 +237,7 @@ async fn run_requests(cfg: &RunConfig, id: &str) -> anyhow::Result<Report> {
                         if t1 > end {
                             continue; // finished after the window: not counted either way
                         }
-                        // Queueing behind a slow previous operation counts, so a paced
-                        // run shows it (closed loop: `held` is zero).
-                        let lat = match part {
-                            Some(d) => d + held,
-                            None => (t1 - t0) + held,
-                        };
+                        let lat = op.latency(part);
                         res.ops += 1;
                         let _ = local.record((lat.as_micros() as u64).max(1));
                     }
@@ -448,4 +466,43 @@ where
 /// The workloads that read or overwrite the pre-created key space.
 pub(crate) fn uses_key_space(w: Workload) -> bool {
     matches!(w, Workload::Write | Workload::Read | Workload::ReadLocal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn paced_latency_counts_queueing_but_not_the_timers_lateness() {
+        let t = Instant::now();
+        // Due at t, the previous op long done, the timer woke 0.9 ms late: only the op's own
+        // 0.3 ms counts.
+        let late_timer = OpTimes {
+            intended: t,
+            prev_done: Some(t - 5 * MS),
+            started: t + MS * 9 / 10,
+            done: t + MS * 12 / 10,
+        };
+        assert_eq!(late_timer.latency(None), MS * 3 / 10);
+        // Due at t, but the previous op ran until t + 2 ms: the 2 ms of queueing count.
+        let queued = OpTimes {
+            intended: t,
+            prev_done: Some(t + 2 * MS),
+            started: t + 2 * MS,
+            done: t + 3 * MS,
+        };
+        assert_eq!(queued.latency(None), 3 * MS);
+        // A worker that measured its own part (a watch's write-to-event time).
+        assert_eq!(queued.latency(Some(MS / 2)), 2 * MS + MS / 2);
+        // Closed loop: due when started, nothing before it.
+        let closed = OpTimes {
+            intended: t,
+            prev_done: None,
+            started: t,
+            done: t + MS,
+        };
+        assert_eq!(closed.latency(None), MS);
+    }
 }
