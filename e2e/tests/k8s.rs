@@ -108,6 +108,8 @@ struct Hold {
     prev: u64,
     prev_owner: String,
     ok: bool,
+    /// Why the replica gave up during this hold, if it did.
+    error: Option<String>,
 }
 
 /// Every sample pod's reports: (pod -> events).
@@ -136,7 +138,13 @@ fn holds(reports: &BTreeMap<String, Vec<Value>>) -> Vec<Hold> {
                     token: e["token"].as_u64().unwrap_or(0),
                     prev: e["prev"].as_u64().unwrap_or(0),
                     prev_owner: e["prev_owner"].as_str().unwrap_or("").to_owned(),
-                    ok: e["fenced_ok"] == true && e["wrote"] == true && e["intact"] == true,
+                    // A hold whose read-back failed (the replica then exits) is reported with
+                    // the error and without `intact`; its successor's check covers it.
+                    ok: e["fenced_ok"] == true
+                        && e["wrote"] == true
+                        && (e["intact"] == true
+                            || (e["intact"].is_null() && e["error"].is_string())),
+                    error: e["error"].as_str().map(str::to_owned),
                 })
         })
         .collect();
@@ -170,6 +178,12 @@ fn assert_one_holder_at_a_time(earlier: &[Hold], later: &[Hold], lost: Option<(&
         panic!("no lock holds reported");
     };
     let upto: Vec<&Hold> = later.iter().filter(|h| h.token <= cut).collect();
+    for h in upto.iter().filter(|h| h.error.is_some()) {
+        println!(
+            "{} gave up during its hold {}: {:?}",
+            h.pod, h.token, h.error
+        );
+    }
     let tokens: BTreeSet<u64> = upto.iter().map(|h| h.token).collect();
     assert_eq!(
         tokens.len(),

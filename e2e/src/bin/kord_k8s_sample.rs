@@ -186,7 +186,20 @@ async fn lock_loop(client: &Client, session: &Session, me: &str) -> Result<(), E
             .await
             .is_ok();
         tokio::time::sleep(hold).await;
-        let (after, _) = client.get(&owner_key).await?;
+        let after = match client.get(&owner_key).await {
+            Ok((after, _)) => after,
+            Err(e) => {
+                // The hold happened (the record may name it): report it, unverified, so that
+                // its successor's "previous owner" is accounted for, then give up as before.
+                report(
+                    "lock",
+                    json!({"token": token, "prev": prev, "prev_owner": prev_owner,
+                           "fenced_ok": fenced, "wrote": wrote, "intact": null,
+                           "error": e.to_string()}),
+                );
+                return Err(e);
+            }
+        };
         let intact = after == mine.as_bytes();
         report(
             "lock",
