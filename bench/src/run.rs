@@ -476,12 +476,13 @@ mod tests {
 
     #[test]
     fn paced_latency_counts_queueing_but_not_the_timers_lateness() {
-        let t = Instant::now();
+        let earlier = Instant::now();
+        let t = earlier + 5 * MS;
         // Due at t, the previous op long done, the timer woke 0.9 ms late: only the op's own
         // 0.3 ms counts.
         let late_timer = OpTimes {
             intended: t,
-            prev_done: Some(t - 5 * MS),
+            prev_done: Some(earlier),
             started: t + MS * 9 / 10,
             done: t + MS * 12 / 10,
         };

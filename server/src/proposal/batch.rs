@@ -182,12 +182,9 @@ impl Batcher {
         if let Some(permit) = self.shared.gate.direct_slot() {
             let entry = self
                 .shared
-                .hand_to_raft(vec![cmd], permit, &mut Vec::new())
-                .await;
-            return match entry {
-                Ok(entry) => entry.finish().await,
-                Err(e) => Err(e),
-            };
+                .hand_to_raft(vec![cmd], permit, Vec::new())
+                .await?;
+            return entry.finish().await;
         }
         self.shared.gate.unproposed.fetch_add(1, Ordering::SeqCst);
         let (reply, rx) = oneshot::channel();
@@ -250,28 +247,31 @@ impl Gate {
 
 impl Shared {
     /// Hands one entry of `commands` to Raft. Returns the entry for its first command's caller
-    /// to finish; the others' reply senders are in `others`, which it takes.
+    /// to finish; `others` are the other commands' callers, which it fails if Raft has stopped.
     async fn hand_to_raft(
         &self,
         mut commands: Vec<Command>,
         permit: OwnedSemaphorePermit,
-        others: &mut Vec<oneshot::Sender<Delivery>>,
+        others: Vec<oneshot::Sender<Delivery>>,
     ) -> Result<EntryFinisher, ProposeError> {
         // The leader's clock, stamped once per entry, so apply never reads one.
         let time_ms = now_ms();
         for cmd in &mut commands {
             cmd.time_ms = time_ms;
         }
-        let applied = self
-            .raft
-            .client_write_ff(Proposal { commands })
-            .await
-            .map_err(|fatal| ProposeError::Stopped(fatal.to_string()))?;
+        let applied = match self.raft.client_write_ff(Proposal { commands }).await {
+            Ok(applied) => applied,
+            Err(fatal) => {
+                let e = ProposeError::Stopped(fatal.to_string());
+                fail_all(others, e.clone());
+                return Err(e);
+            }
+        };
         Ok(EntryFinisher {
             parts: Some(EntryParts {
                 id: self.id,
                 applied,
-                others: std::mem::take(others),
+                others,
                 permit,
                 proposed: Instant::now(),
                 commit_time: self.gate.commit_time.clone(),
@@ -402,8 +402,9 @@ async fn run(shared: Arc<Shared>, limits: Batching, mut rx: mpsc::UnboundedRecei
             .on_proposed(Instant::now(), count, waited_in_vain);
         let mut replies = replies.into_iter();
         let first = replies.next().expect("a batch has a command");
-        let mut others: Vec<_> = replies.collect();
-        let entry = shared.hand_to_raft(commands, permit, &mut others).await;
+        let entry = shared
+            .hand_to_raft(commands, permit, replies.collect())
+            .await;
         // Handed to Raft (or failed): the direct path may go again once the entry is answered.
         gate.unproposed.fetch_sub(count, Ordering::SeqCst);
         match entry {
@@ -412,7 +413,6 @@ async fn run(shared: Arc<Shared>, limits: Batching, mut rx: mpsc::UnboundedRecei
                 let _ = first.send(Delivery::Finish(entry));
             }
             Err(e) => {
-                fail_all(others, e.clone());
                 let _ = first.send(Delivery::Done(Err(e)));
                 return;
             }
