@@ -110,6 +110,9 @@ pub struct CompareOptions {
     pub keys: usize,
     pub watchers: usize,
     pub kord_bin: PathBuf,
+    /// Runs of the whole matrix per cluster size, the targets' order rotated each round;
+    /// the table shows each cell's median (see [`markdown`]).
+    pub rounds: u32,
     /// Install missing peers with apt-get (only as root).
     pub install: bool,
     /// Also write the JSON lines here.
@@ -239,8 +242,10 @@ async fn compare_inner(opts: &CompareOptions, rows: &[Row]) -> anyhow::Result<Ve
         })
         .collect();
     let mut reports = Vec::new();
+    let rounds = opts.rounds.max(1);
     for &size in &opts.sizes {
-        for &target in &opts.targets {
+        for (round, target) in round_order(&opts.targets, rounds) {
+            let round = (rounds > 1).then_some(round);
             let setup = format!("{size} node{}", if size == 1 { "" } else { "s" });
             let make_cfg = |row: &Row, endpoints: Vec<String>, pids: Vec<u32>| {
                 let mut cfg = RunConfig::new(target, endpoints, row.workload);
@@ -256,7 +261,8 @@ async fn compare_inner(opts: &CompareOptions, rows: &[Row]) -> anyhow::Result<Ve
                 cfg.setup = setup.clone();
                 cfg
             };
-            let mut emit = |r: Report| -> anyhow::Result<()> {
+            let mut emit = |mut r: Report| -> anyhow::Result<()> {
+                r.round = round;
                 eprintln!("{}", r.summary());
                 println!("{}", r.to_json_line());
                 if let Some(f) = json.as_mut() {
@@ -324,6 +330,20 @@ async fn compare_inner(opts: &CompareOptions, rows: &[Row]) -> anyhow::Result<Ve
     Ok(reports)
 }
 
+/// Each round runs every target once; the order rotates by one target per round, so that no
+/// target always runs first after a fresh `sync` or last after the others heated the machine.
+/// Slow drifts of a shared machine then spread over all targets alike.
+fn round_order(targets: &[Target], rounds: u32) -> Vec<(u32, Target)> {
+    let mut order = Vec::new();
+    for round in 1..=rounds {
+        for i in 0..targets.len() {
+            let at = (i + round as usize - 1) % targets.len();
+            order.push((round, targets[at]));
+        }
+    }
+    order
+}
+
 /// Writes back every dirty page on the machine and waits for it, so that a setup does not
 /// start while the page cache still holds what the one before wrote (gigabytes after a
 /// 64-client run): that writeback would slow the new setup's fsyncs. Measured: Kord's 3-node
@@ -333,9 +353,11 @@ fn settle_disk() {
     unsafe { libc::sync() };
 }
 
-/// Whether two reports fill the same table cell (setup, target and matrix row).
+/// Whether two reports fill the same table cell (setup, target and matrix row) in the same
+/// round.
 pub fn same_cell(a: &Report, b: &Report) -> bool {
-    a.setup == b.setup
+    a.round == b.round
+        && a.setup == b.setup
         && a.target == b.target
         && a.workload == b.workload
         && a.clients == b.clients
@@ -351,12 +373,15 @@ pub fn markdown(reports: &[Report], rows: &[Row]) -> String {
             setups.push(r.setup.clone());
         }
     }
-    let find = |setup: &str, target: Target, row: &Row| {
-        reports.iter().find(|r| {
-            r.setup == setup
-                && r.target == target
-                && (r.workload, r.clients, r.rate.map(|x| x as u64).unwrap_or(0)) == row.key()
-        })
+    let of_cell = |setup: &str, target: Target, row: &Row| -> Vec<&Report> {
+        reports
+            .iter()
+            .filter(|r| {
+                r.setup == setup
+                    && r.target == target
+                    && (r.workload, r.clients, r.rate.map(|x| x as u64).unwrap_or(0)) == row.key()
+            })
+            .collect()
     };
     let mut out = String::new();
     out.push_str(
@@ -365,30 +390,105 @@ pub fn markdown(reports: &[Report], rows: &[Row]) -> String {
          that CPU time per operation; `client` = the bench process's CPU time per operation \
          (the target's client library). Ratios are \
          Kord ÷ peer: ops/s for throughput rows (above 1: Kord faster), p99 for latency rows \
-         (below 1: Kord faster).\n",
+         (below 1: Kord faster). With several rounds a cell is its median round by that figure \
+         (of an even count, the worse middle one) and names the lowest and highest.\n",
     );
     for setup in &setups {
         out.push_str(&format!(
             "\n### {setup}\n\n| workload | Kord | etcd | ZooKeeper | Kord ÷ etcd | Kord ÷ ZooKeeper |\n|---|---|---|---|---|---|\n"
         ));
         for row in rows {
-            let cells: Vec<Option<&Report>> =
-                Target::ALL.iter().map(|t| find(setup, *t, row)).collect();
+            let cells: Vec<Option<Cell>> = Target::ALL
+                .iter()
+                .map(|t| Cell::pick(of_cell(setup, *t, row), row))
+                .collect();
             if cells.iter().all(|c| c.is_none()) {
                 continue;
             }
             let mut line = format!("| {} |", row.label());
             for c in &cells {
-                line.push_str(&format!(" {} |", cell(*c, row)));
+                let text = match c {
+                    Some(c) => cell(Some(c.shown), row) + &c.spread_text(row),
+                    None => cell(None, row),
+                };
+                line.push_str(&format!(" {text} |"));
             }
-            for peer in &cells[1..] {
-                line.push_str(&format!(" {} |", ratio(cells[0], *peer, row)));
+            let shown: Vec<Option<&Report>> =
+                cells.iter().map(|c| c.as_ref().map(|c| c.shown)).collect();
+            for peer in &shown[1..] {
+                line.push_str(&format!(" {} |", ratio(shown[0], *peer, row)));
             }
             out.push_str(&line);
             out.push('\n');
         }
     }
     out
+}
+
+/// The figure a row is judged by: ops/s for throughput rows, p99 for latency rows.
+fn figure(r: &Report, row: &Row) -> Option<f64> {
+    if row.is_latency_row() {
+        r.p99_ms
+    } else {
+        r.ops_per_sec
+    }
+}
+
+/// One table cell: the report it shows and, over several rounds, each round's figure.
+struct Cell<'a> {
+    shown: &'a Report,
+    /// The figures of the rounds that ran, lowest first; empty for a single round.
+    spread: Vec<f64>,
+}
+
+impl<'a> Cell<'a> {
+    /// The median round by the row's figure, the same rule for every target: of an even count
+    /// the worse of the two middle rounds. Rounds that did not run (n/a, error, no op
+    /// completed) are left out; if none ran, the first report is shown as it is.
+    fn pick(reports: Vec<&'a Report>, row: &Row) -> Option<Cell<'a>> {
+        let first = *reports.first()?;
+        let mut ran: Vec<(&Report, f64)> = reports
+            .into_iter()
+            .filter(|r| r.status == "ok" && r.ops != Some(0))
+            .filter_map(|r| figure(r, row).map(|f| (r, f)))
+            .collect();
+        if ran.is_empty() {
+            return Some(Cell {
+                shown: first,
+                spread: Vec::new(),
+            });
+        }
+        // Worst first: lowest ops/s, or highest p99.
+        let worse_first = |f: f64| if row.is_latency_row() { -f } else { f };
+        ran.sort_by(|a, b| worse_first(a.1).total_cmp(&worse_first(b.1)));
+        let shown = ran[(ran.len() - 1) / 2].0;
+        let mut spread: Vec<f64> = ran.iter().map(|(_, f)| *f).collect();
+        spread.sort_by(f64::total_cmp);
+        if spread.len() == 1 {
+            spread.clear();
+        }
+        Some(Cell { shown, spread })
+    }
+
+    fn spread_text(&self, row: &Row) -> String {
+        let (Some(lo), Some(hi)) = (self.spread.first(), self.spread.last()) else {
+            return String::new();
+        };
+        let n = self.spread.len();
+        if row.is_latency_row() {
+            format!(
+                "; median of {n} rounds, p99 {}-{} ms",
+                fmt_ms(Some(*lo)),
+                fmt_ms(Some(*hi))
+            )
+        } else {
+            format!(
+                "; median of {n} rounds, {}-{} ops/s",
+                fmt_num(Some(*lo)),
+                fmt_num(Some(*hi))
+            )
+        }
+    }
 }
 
 fn ok(r: Option<&Report>) -> Option<&Report> {
@@ -462,6 +562,107 @@ fn ratio(kord: Option<&Report>, peer: Option<&Report>, row: &Row) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(target: Target, round: u32, ops_per_sec: f64, p99_ms: f64) -> Report {
+        let mut cfg = RunConfig::new(target, vec!["-".into()], Workload::Write);
+        cfg.clients = 64;
+        cfg.connections = 8;
+        cfg.setup = "1 node".into();
+        Report {
+            status: "ok".into(),
+            ops: Some((ops_per_sec * 3.0) as u64),
+            ops_per_sec: Some(ops_per_sec),
+            p50_ms: Some(p99_ms / 2.0),
+            p99_ms: Some(p99_ms),
+            round: Some(round),
+            ..Report::not_available(&cfg, "")
+        }
+    }
+
+    #[test]
+    fn rounds_rotate_the_order_of_the_targets() {
+        let order = round_order(&Target::ALL, 3);
+        let targets = |round: u32| -> Vec<Target> {
+            order
+                .iter()
+                .filter(|(r, _)| *r == round)
+                .map(|(_, t)| *t)
+                .collect()
+        };
+        use Target::*;
+        assert_eq!(targets(1), vec![Kord, Etcd, Zookeeper]);
+        assert_eq!(targets(2), vec![Etcd, Zookeeper, Kord]);
+        assert_eq!(targets(3), vec![Zookeeper, Kord, Etcd]);
+        assert_eq!(round_order(&[Kord], 2), vec![(1, Kord), (2, Kord)]);
+    }
+
+    #[test]
+    fn a_cell_of_several_rounds_shows_the_median_and_the_ratio_compares_medians() {
+        let row = Row::new(Workload::Write, 64, 8);
+        let mut reports = vec![
+            report(Target::Kord, 1, 30_000.0, 4.0),
+            report(Target::Kord, 2, 10_000.0, 9.0),
+            report(Target::Kord, 3, 20_000.0, 5.0),
+            // Of an even count, the worse middle one: 12,000 (not 14,000).
+            report(Target::Etcd, 1, 14_000.0, 6.0),
+            report(Target::Etcd, 2, 12_000.0, 7.0),
+            report(Target::Etcd, 3, 9_000.0, 8.0),
+            report(Target::Etcd, 4, 16_000.0, 5.0),
+        ];
+        // A round that did not run is left out of the median.
+        let mut failed = report(Target::Kord, 4, 0.0, 0.0);
+        failed.status = "error".into();
+        reports.push(failed);
+        let table = markdown(&reports, std::slice::from_ref(&row));
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("| write, 64 clients"))
+            .expect("the write row");
+        let cells: Vec<&str> = line.split(" | ").collect();
+        assert!(
+            cells[1].starts_with("20,000 (")
+                && cells[1].ends_with("; median of 3 rounds, 10,000-30,000 ops/s"),
+            "{line}"
+        );
+        assert!(
+            cells[2].starts_with("12,000 (")
+                && cells[2].ends_with("; median of 4 rounds, 9,000-16,000 ops/s"),
+            "{line}"
+        );
+        assert_eq!(cells[3], "-", "{line}");
+        assert_eq!(cells[4], "1.67", "{line}");
+    }
+
+    #[test]
+    fn a_latency_cell_takes_the_median_p99() {
+        let row = Row::new(Workload::Write, 8, 1).at(500.0);
+        let mut reports: Vec<Report> = [(1, 2.0), (2, 0.9), (3, 1.5)]
+            .into_iter()
+            .map(|(round, p99)| {
+                let mut r = report(Target::Kord, round, 500.0, p99);
+                r.clients = 8;
+                r.rate = Some(500.0);
+                r
+            })
+            .collect();
+        let mut single = report(Target::Zookeeper, 1, 500.0, 3.0);
+        single.clients = 8;
+        single.rate = Some(500.0);
+        reports.push(single);
+        let table = markdown(&reports, std::slice::from_ref(&row));
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("| write, 8 clients at 500"))
+            .expect("the paced row");
+        let cells: Vec<&str> = line.split(" | ").collect();
+        assert!(
+            cells[1].starts_with("0.75 / 1.50, ")
+                && cells[1].ends_with("; median of 3 rounds, p99 0.90-2.00 ms"),
+            "{line}"
+        );
+        assert!(!cells[3].contains("median"), "{line}");
+        assert_eq!(cells[5].trim_end_matches(" |"), "0.50", "{line}");
+    }
 
     #[test]
     fn a_throughput_cell_shows_server_and_client_cpu_per_operation() {

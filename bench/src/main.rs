@@ -129,6 +129,11 @@ struct CompareArgs {
     /// Keep data dirs and logs here instead of a temporary directory that is removed.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Run the matrix this many times per cluster size, rotating the targets' order each
+    /// round; each table cell is then its median round. On a shared or noisy machine a
+    /// single round can be off by a third.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 fn default_kord_bin() -> PathBuf {
@@ -195,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
                 keys: a.keys,
                 watchers: a.watchers.unwrap_or(if a.quick { 100 } else { 1000 }),
                 kord_bin: a.kord_bin.unwrap_or_else(default_kord_bin),
+                rounds: a.rounds,
                 install: !a.no_install,
                 json_out: a.json_out,
                 work_dir: a.work_dir,

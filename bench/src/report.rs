@@ -41,6 +41,9 @@ pub struct Report {
     pub server_cpu_s: Option<f64>,
     /// CPU seconds of this benchmark process during the measured window.
     pub client_cpu_s: Option<f64>,
+    /// Which round of a `compare --rounds N` run this is (1-based); absent for a single round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
 }
 
 impl Report {
@@ -68,6 +71,7 @@ impl Report {
             errors: None,
             server_cpu_s: None,
             client_cpu_s: None,
+            round: None,
         }
     }
 
