@@ -298,8 +298,14 @@ async fn compare_inner(opts: &CompareOptions, rows: &[Row]) -> anyhow::Result<Ve
                 continue;
             }
             settle_disk();
-            eprintln!("starting {target} ({setup}) under {}", root.display());
-            let cluster = match Cluster::start(target, size, &root, &opts.kord_bin).await {
+            // Every round starts from empty data dirs, as the first does.
+            let dir = match round {
+                Some(r) => root.join(format!("round-{r}")),
+                None => root.clone(),
+            };
+            std::fs::create_dir_all(&dir)?;
+            eprintln!("starting {target} ({setup}) under {}", dir.display());
+            let cluster = match Cluster::start(target, size, &dir, &opts.kord_bin).await {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("could not start {target} ({setup}): {e:#}");

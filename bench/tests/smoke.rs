@@ -110,3 +110,50 @@ async fn kord_smoke_run() {
     assert!(table.lines().any(|l| l.starts_with("| write")), "{table}");
     cluster.stop();
 }
+
+/// `compare --rounds 2` against a 3-member Kord: the second round starts its members on fresh
+/// data dirs (reused ones held the first round's cluster, and its members failed to start),
+/// and each round's reports carry their round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_in_rounds_starts_every_round_afresh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = kord_bench::CompareOptions {
+        duration: Duration::from_millis(500),
+        warmup: Duration::from_millis(100),
+        sizes: vec![3],
+        targets: vec![Target::Kord],
+        workloads: vec![Workload::Write],
+        value_size: 64,
+        keys: 20,
+        watchers: 1,
+        kord_bin: kord_bin(),
+        rounds: 2,
+        install: false,
+        json_out: None,
+        work_dir: Some(dir.path().to_owned()),
+    };
+    let rows = kord_bench::default_rows();
+    let reports = tokio::time::timeout(Duration::from_secs(240), kord_bench::compare(&opts, &rows))
+        .await
+        .expect("compare finished in time")
+        .expect("compare");
+    let write_rows = rows
+        .iter()
+        .filter(|r| r.workload == Workload::Write)
+        .count();
+    assert_eq!(reports.len(), 2 * write_rows, "{reports:?}");
+    for round in [1, 2] {
+        let of_round: Vec<_> = reports.iter().filter(|r| r.round == Some(round)).collect();
+        assert_eq!(of_round.len(), write_rows, "round {round}: {reports:?}");
+        for r in of_round {
+            assert_eq!(r.status, "ok", "round {round}: {}", r.summary());
+            assert!(r.ops.unwrap_or(0) > 0, "round {round}: {}", r.summary());
+        }
+    }
+    let table = kord_bench::markdown(&reports, &rows);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("| write, 64 clients"))
+        .expect("the 64-client write row");
+    assert!(line.contains("median of 2 rounds"), "{table}");
+}
