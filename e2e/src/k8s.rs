@@ -201,7 +201,6 @@ impl K8s {
         )
     }
 
-    /// The pod's log (one container), from the kubelet or from the node's log directory.
     /// The pod's UID (it changes when a pod of the same name is recreated).
     pub fn pod_uid(&self, ns: &str, pod: &str) -> Result<String, String> {
         self.kubectl(&[
@@ -216,9 +215,27 @@ impl K8s {
         .map(|u| u.trim().to_owned())
     }
 
+    /// The pod's log (one container), from the kubelet or from the node's log directory.
     pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> Result<String, String> {
         let Some(dir) = &self.pod_log_dir else {
-            return self.kubectl(&["logs", "-n", ns, pod, "-c", container]);
+            // `kubectl logs` shows the running container only. A container that restarted
+            // left its earlier reports in the previous one's log, which the kubelet keeps
+            // (one, not more: a second restart loses the first run's).
+            let restarts = self.kubectl(&[
+                "get",
+                "pod",
+                "-n",
+                ns,
+                pod,
+                "-o",
+                &format!("jsonpath={{.status.containerStatuses[?(@.name==\"{container}\")].restartCount}}"),
+            ])?;
+            let mut out = String::new();
+            if restarts.trim().parse::<u64>().unwrap_or(0) > 0 {
+                out = self.kubectl(&["logs", "--previous", "-n", ns, pod, "-c", container])?;
+            }
+            out.push_str(&self.kubectl(&["logs", "-n", ns, pod, "-c", container])?);
+            return Ok(out);
         };
         let uid = self.pod_uid(ns, pod)?;
         let cdir = dir
