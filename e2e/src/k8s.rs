@@ -201,8 +201,8 @@ impl K8s {
         )
     }
 
-    /// The pod's UID (it changes when a pod of the same name is recreated).
-    pub fn pod_uid(&self, ns: &str, pod: &str) -> Result<String, String> {
+    /// A field of a pod, by a `kubectl` JSONPath such as `{.status.podIP}`, trimmed.
+    pub fn pod_field(&self, ns: &str, pod: &str, jsonpath: &str) -> Result<String, String> {
         self.kubectl(&[
             "get",
             "pod",
@@ -210,9 +210,14 @@ impl K8s {
             ns,
             pod,
             "-o",
-            "jsonpath={.metadata.uid}",
+            &format!("jsonpath={jsonpath}"),
         ])
-        .map(|u| u.trim().to_owned())
+        .map(|v| v.trim().to_owned())
+    }
+
+    /// The pod's UID (it changes when a pod of the same name is recreated).
+    pub fn pod_uid(&self, ns: &str, pod: &str) -> Result<String, String> {
+        self.pod_field(ns, pod, "{.metadata.uid}")
     }
 
     /// The pod's log (one container), from the kubelet or from the node's log directory.
@@ -221,26 +226,20 @@ impl K8s {
             // `kubectl logs` shows the running container only. A container that restarted
             // left its earlier reports in the previous one's log, which the kubelet keeps
             // (one, not more: a second restart loses the first run's).
-            let restarts = self.kubectl(&[
-                "get",
-                "pod",
-                "-n",
+            let restarts = self.pod_field(
                 ns,
                 pod,
-                "-o",
-                &format!("jsonpath={{.status.containerStatuses[?(@.name==\"{container}\")].restartCount}}"),
-            ])?;
+                &format!("{{.status.containerStatuses[?(@.name==\"{container}\")].restartCount}}"),
+            )?;
             let mut out = String::new();
-            if restarts.trim().parse::<u64>().unwrap_or(0) > 0 {
+            if restarts.parse::<u64>().unwrap_or(0) > 0 {
                 out = self.kubectl(&["logs", "--previous", "-n", ns, pod, "-c", container])?;
             }
             out.push_str(&self.kubectl(&["logs", "-n", ns, pod, "-c", container])?);
             return Ok(out);
         };
         let uid = self.pod_uid(ns, pod)?;
-        let cdir = dir
-            .join(format!("{ns}_{pod}_{}", uid.trim()))
-            .join(container);
+        let cdir = dir.join(format!("{ns}_{pod}_{uid}")).join(container);
         let mut files: Vec<PathBuf> = std::fs::read_dir(&cdir)
             .map_err(|e| format!("{}: {e}", cdir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))

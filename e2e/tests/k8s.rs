@@ -320,15 +320,7 @@ fn sample_service_config_lock_and_ephemerals_on_static_kord() {
     k.apply(ns, &static_kord_pod(&k.image)).expect("kord pod");
     k.wait_pods_ready(ns, "app=kord-static", 1, k.secs(120));
     let ip = k
-        .kubectl(&[
-            "get",
-            "pod",
-            "-n",
-            ns,
-            "kord-static",
-            "-o",
-            "jsonpath={.status.podIP}",
-        ])
+        .pod_field(ns, "kord-static", "{.status.podIP}")
         .expect("pod IP");
     let endpoints = format!("{ip}:7379,{ip}:7389,{ip}:7399");
     println!(
@@ -691,18 +683,8 @@ fn member_endpoints(k: &K8s, ns: &str, s: &ClusterStatus) -> String {
         .iter()
         .filter_map(|m| m["pod"].as_str())
         .filter_map(|pod| {
-            let ip = k
-                .kubectl(&[
-                    "get",
-                    "pod",
-                    "-n",
-                    ns,
-                    pod,
-                    "-o",
-                    "jsonpath={.status.podIP}",
-                ])
-                .ok()?;
-            (!ip.trim().is_empty()).then(|| format!("{}:7379", ip.trim()))
+            let ip = k.pod_field(ns, pod, "{.status.podIP}").ok()?;
+            (!ip.is_empty()).then(|| format!("{ip}:7379"))
         })
         .collect::<Vec<_>>()
         .join(",")
