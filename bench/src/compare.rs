@@ -303,7 +303,6 @@ async fn compare_inner(opts: &CompareOptions, rows: &[Row]) -> anyhow::Result<Ve
                 Some(r) => root.join(format!("round-{r}")),
                 None => root.clone(),
             };
-            std::fs::create_dir_all(&dir)?;
             eprintln!("starting {target} ({setup}) under {}", dir.display());
             let cluster = match Cluster::start(target, size, &dir, &opts.kord_bin).await {
                 Ok(c) => c,
@@ -414,7 +413,7 @@ pub fn markdown(reports: &[Report], rows: &[Row]) -> String {
             let mut line = format!("| {} |", row.label());
             for c in &cells {
                 let text = match c {
-                    Some(c) => cell(Some(c.shown), row) + &c.spread_text(row),
+                    Some(c) => cell(Some(c.shown), row) + &c.rounds_text(row),
                     None => cell(None, row),
                 };
                 line.push_str(&format!(" {text} |"));
@@ -440,11 +439,11 @@ fn figure(r: &Report, row: &Row) -> Option<f64> {
     }
 }
 
-/// One table cell: the report it shows and, over several rounds, each round's figure.
+/// One table cell: the report it shows and, over several rounds, how many ran and their
+/// lowest and highest figure.
 struct Cell<'a> {
     shown: &'a Report,
-    /// The figures of the rounds that ran, lowest first; empty for a single round.
-    spread: Vec<f64>,
+    rounds: Option<(usize, f64, f64)>,
 }
 
 impl<'a> Cell<'a> {
@@ -458,40 +457,41 @@ impl<'a> Cell<'a> {
             .filter(|r| r.status == "ok" && r.ops != Some(0))
             .filter_map(|r| figure(r, row).map(|f| (r, f)))
             .collect();
-        if ran.is_empty() {
+        let n = ran.len();
+        if n == 0 {
             return Some(Cell {
                 shown: first,
-                spread: Vec::new(),
+                rounds: None,
             });
         }
-        // Worst first: lowest ops/s, or highest p99.
-        let worse_first = |f: f64| if row.is_latency_row() { -f } else { f };
-        ran.sort_by(|a, b| worse_first(a.1).total_cmp(&worse_first(b.1)));
-        let shown = ran[(ran.len() - 1) / 2].0;
-        let mut spread: Vec<f64> = ran.iter().map(|(_, f)| *f).collect();
-        spread.sort_by(f64::total_cmp);
-        if spread.len() == 1 {
-            spread.clear();
-        }
-        Some(Cell { shown, spread })
+        ran.sort_by(|a, b| a.1.total_cmp(&b.1));
+        // Lowest figure first: the worse middle one is the lower ops/s or the higher p99.
+        let median = if row.is_latency_row() {
+            n / 2
+        } else {
+            (n - 1) / 2
+        };
+        Some(Cell {
+            shown: ran[median].0,
+            rounds: (n > 1).then(|| (n, ran[0].1, ran[n - 1].1)),
+        })
     }
 
-    fn spread_text(&self, row: &Row) -> String {
-        let (Some(lo), Some(hi)) = (self.spread.first(), self.spread.last()) else {
+    fn rounds_text(&self, row: &Row) -> String {
+        let Some((n, lo, hi)) = self.rounds else {
             return String::new();
         };
-        let n = self.spread.len();
         if row.is_latency_row() {
             format!(
                 "; median of {n} rounds, p99 {}-{} ms",
-                fmt_ms(Some(*lo)),
-                fmt_ms(Some(*hi))
+                fmt_ms(Some(lo)),
+                fmt_ms(Some(hi))
             )
         } else {
             format!(
                 "; median of {n} rounds, {}-{} ops/s",
-                fmt_num(Some(*lo)),
-                fmt_num(Some(*hi))
+                fmt_num(Some(lo)),
+                fmt_num(Some(hi))
             )
         }
     }
@@ -569,10 +569,12 @@ fn ratio(kord: Option<&Report>, peer: Option<&Report>, row: &Row) -> String {
 mod tests {
     use super::*;
 
-    fn report(target: Target, round: u32, ops_per_sec: f64, p99_ms: f64) -> Report {
-        let mut cfg = RunConfig::new(target, vec!["-".into()], Workload::Write);
-        cfg.clients = 64;
-        cfg.connections = 8;
+    /// A report of `row` in `round` with the given figures.
+    fn report(target: Target, row: &Row, round: u32, ops_per_sec: f64, p99_ms: f64) -> Report {
+        let mut cfg = RunConfig::new(target, vec!["-".into()], row.workload);
+        cfg.clients = row.clients;
+        cfg.connections = row.connections;
+        cfg.rate = row.rate;
         cfg.setup = "1 node".into();
         Report {
             status: "ok".into(),
@@ -583,6 +585,16 @@ mod tests {
             round: Some(round),
             ..Report::not_available(&cfg, "")
         }
+    }
+
+    /// The cells of `row`'s line in the table of `reports`.
+    fn cells_of(reports: &[Report], row: &Row) -> Vec<String> {
+        let table = markdown(reports, std::slice::from_ref(row));
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {} |", row.label())))
+            .unwrap_or_else(|| panic!("no line for {}: {table}", row.label()));
+        line.split(" | ").map(str::to_owned).collect()
     }
 
     #[test]
@@ -606,68 +618,51 @@ mod tests {
     fn a_cell_of_several_rounds_shows_the_median_and_the_ratio_compares_medians() {
         let row = Row::new(Workload::Write, 64, 8);
         let mut reports = vec![
-            report(Target::Kord, 1, 30_000.0, 4.0),
-            report(Target::Kord, 2, 10_000.0, 9.0),
-            report(Target::Kord, 3, 20_000.0, 5.0),
+            report(Target::Kord, &row, 1, 30_000.0, 4.0),
+            report(Target::Kord, &row, 2, 10_000.0, 9.0),
+            report(Target::Kord, &row, 3, 20_000.0, 5.0),
             // Of an even count, the worse middle one: 12,000 (not 14,000).
-            report(Target::Etcd, 1, 14_000.0, 6.0),
-            report(Target::Etcd, 2, 12_000.0, 7.0),
-            report(Target::Etcd, 3, 9_000.0, 8.0),
-            report(Target::Etcd, 4, 16_000.0, 5.0),
+            report(Target::Etcd, &row, 1, 14_000.0, 6.0),
+            report(Target::Etcd, &row, 2, 12_000.0, 7.0),
+            report(Target::Etcd, &row, 3, 9_000.0, 8.0),
+            report(Target::Etcd, &row, 4, 16_000.0, 5.0),
         ];
         // A round that did not run is left out of the median.
-        let mut failed = report(Target::Kord, 4, 0.0, 0.0);
+        let mut failed = report(Target::Kord, &row, 4, 0.0, 0.0);
         failed.status = "error".into();
         reports.push(failed);
-        let table = markdown(&reports, std::slice::from_ref(&row));
-        let line = table
-            .lines()
-            .find(|l| l.starts_with("| write, 64 clients"))
-            .expect("the write row");
-        let cells: Vec<&str> = line.split(" | ").collect();
+        let cells = cells_of(&reports, &row);
         assert!(
             cells[1].starts_with("20,000 (")
                 && cells[1].ends_with("; median of 3 rounds, 10,000-30,000 ops/s"),
-            "{line}"
+            "{cells:?}"
         );
         assert!(
             cells[2].starts_with("12,000 (")
                 && cells[2].ends_with("; median of 4 rounds, 9,000-16,000 ops/s"),
-            "{line}"
+            "{cells:?}"
         );
-        assert_eq!(cells[3], "-", "{line}");
-        assert_eq!(cells[4], "1.67", "{line}");
+        assert_eq!(cells[3], "-", "{cells:?}");
+        assert_eq!(cells[4], "1.67", "{cells:?}");
     }
 
     #[test]
     fn a_latency_cell_takes_the_median_p99() {
         let row = Row::new(Workload::Write, 8, 1).at(500.0);
-        let mut reports: Vec<Report> = [(1, 2.0), (2, 0.9), (3, 1.5)]
-            .into_iter()
-            .map(|(round, p99)| {
-                let mut r = report(Target::Kord, round, 500.0, p99);
-                r.clients = 8;
-                r.rate = Some(500.0);
-                r
-            })
-            .collect();
-        let mut single = report(Target::Zookeeper, 1, 500.0, 3.0);
-        single.clients = 8;
-        single.rate = Some(500.0);
-        reports.push(single);
-        let table = markdown(&reports, std::slice::from_ref(&row));
-        let line = table
-            .lines()
-            .find(|l| l.starts_with("| write, 8 clients at 500"))
-            .expect("the paced row");
-        let cells: Vec<&str> = line.split(" | ").collect();
+        let reports = vec![
+            report(Target::Kord, &row, 1, 500.0, 2.0),
+            report(Target::Kord, &row, 2, 500.0, 0.9),
+            report(Target::Kord, &row, 3, 500.0, 1.5),
+            report(Target::Zookeeper, &row, 1, 500.0, 3.0),
+        ];
+        let cells = cells_of(&reports, &row);
         assert!(
             cells[1].starts_with("0.75 / 1.50, ")
                 && cells[1].ends_with("; median of 3 rounds, p99 0.90-2.00 ms"),
-            "{line}"
+            "{cells:?}"
         );
-        assert!(!cells[3].contains("median"), "{line}");
-        assert_eq!(cells[5].trim_end_matches(" |"), "0.50", "{line}");
+        assert!(!cells[3].contains("median"), "{cells:?}");
+        assert_eq!(cells[5].trim_end_matches(" |"), "0.50", "{cells:?}");
     }
 
     #[test]

@@ -186,26 +186,20 @@ async fn lock_loop(client: &Client, session: &Session, me: &str) -> Result<(), E
             .await
             .is_ok();
         tokio::time::sleep(hold).await;
-        let after = match client.get(&owner_key).await {
-            Ok((after, _)) => after,
+        let mut outcome = json!({"token": token, "prev": prev, "prev_owner": prev_owner,
+                              "fenced_ok": fenced, "wrote": wrote});
+        let after = client.get(&owner_key).await;
+        match &after {
+            Ok((data, _)) => outcome["intact"] = json!(*data == mine.as_bytes()),
+            // The hold happened (the record may name it): it is reported, unverified, so that
+            // its successor's "previous owner" is accounted for; then the replica gives up.
             Err(e) => {
-                // The hold happened (the record may name it): report it, unverified, so that
-                // its successor's "previous owner" is accounted for, then give up as before.
-                report(
-                    "lock",
-                    json!({"token": token, "prev": prev, "prev_owner": prev_owner,
-                           "fenced_ok": fenced, "wrote": wrote, "intact": null,
-                           "error": e.to_string()}),
-                );
-                return Err(e);
+                outcome["intact"] = Value::Null;
+                outcome["error"] = json!(e.to_string());
             }
-        };
-        let intact = after == mine.as_bytes();
-        report(
-            "lock",
-            json!({"token": token, "prev": prev, "prev_owner": prev_owner, "fenced_ok": fenced,
-                   "wrote": wrote, "intact": intact}),
-        );
+        }
+        report("lock", outcome);
+        after?;
         guard.unlock().await?;
         // Let the next in the queue in before queueing again.
         tokio::time::sleep(Duration::from_millis(50)).await;

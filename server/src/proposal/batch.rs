@@ -107,10 +107,10 @@ impl EntryParts {
         commit_time.record(proposed.elapsed());
         let outputs = match result {
             Ok(Ok(response)) => response.data,
-            Ok(Err(e)) => return fail_others(others, write_error(id, e)),
+            Ok(Err(e)) => return Err(fail_others(others, write_error(id, e))),
             Err(_) => {
                 let e = ProposeError::Stopped("raft dropped the proposal".into());
-                return fail_others(others, e);
+                return Err(fail_others(others, e));
             }
         };
         if outputs.len() != others.len() + 1 {
@@ -120,7 +120,7 @@ impl EntryParts {
                 outputs.len(),
                 others.len() + 1
             ));
-            return fail_others(others, e);
+            return Err(fail_others(others, e));
         }
         let mut outputs = outputs.into_iter();
         let own = outputs.next().expect("one output per command");
@@ -132,9 +132,9 @@ impl EntryParts {
 }
 
 /// Fails the other callers with `e` and returns it for the first.
-fn fail_others(others: Vec<oneshot::Sender<Delivery>>, e: ProposeError) -> ForwardReply {
+fn fail_others(others: Vec<oneshot::Sender<Delivery>>, e: ProposeError) -> ProposeError {
     fail_all(others, e.clone());
-    Err(e)
+    e
 }
 
 /// Queues commands for the batching task, or hands a command to Raft itself when the leader is
@@ -262,9 +262,10 @@ impl Shared {
         let applied = match self.raft.client_write_ff(Proposal { commands }).await {
             Ok(applied) => applied,
             Err(fatal) => {
-                let e = ProposeError::Stopped(fatal.to_string());
-                fail_all(others, e.clone());
-                return Err(e);
+                return Err(fail_others(
+                    others,
+                    ProposeError::Stopped(fatal.to_string()),
+                ))
             }
         };
         Ok(EntryFinisher {
