@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grpc::EdgeError;
 use crate::metrics::Metrics;
-use crate::proposal::{LeaderNow, Proposer};
+use crate::proposal::{LeaderNow, Proposer, Urgency};
 use crate::raft::network::PeerRpc;
 use crate::raft::NodeId;
 use crate::state::{path, ApplyError, CreateMode, Op, Reply, Stat, SubOp, SubReply, WriteId};
@@ -146,7 +146,13 @@ impl Claims {
             // The queue usually exists: then the claim is the only write. If it vanishes
             // (reaped) before the claim applies, the claim fails with NoParent and the next
             // attempt makes the ancestors first.
-            let queue_exists = self.state.read().state.get(&parent).is_some();
+            let queued = self
+                .state
+                .read()
+                .state
+                .get(&parent)
+                .map(|queue| queue.children.len());
+            let queue_exists = queued.is_some();
             if attempt > 0 || !queue_exists {
                 self.ensure(ROOT, CreateMode::Persistent).await?;
                 self.ensure(kind.dir(), CreateMode::Persistent).await?;
@@ -157,7 +163,14 @@ impl Claims {
                 lease,
                 data: value.clone(),
             };
-            match crate::grpc::propose(&self.proposer, WriteId::default(), op).await {
+            // Behind a holder the claim waits for that holder's release anyway, so it may ride
+            // in the release's entry instead of taking an entry (a commit) of its own.
+            let urgency = if queued.is_some_and(|n| n > 0) {
+                Urgency::Deferrable
+            } else {
+                Urgency::Now
+            };
+            match crate::grpc::propose_with(&self.proposer, WriteId::default(), op, urgency).await {
                 Ok((_, Reply::Single(SubReply::Created { path, stat }))) => {
                     return Ok(Claim {
                         key: path,

@@ -150,11 +150,21 @@ pub(crate) async fn propose(
     write_id: crate::state::WriteId,
     op: crate::state::Op,
 ) -> Result<(u64, crate::state::Reply), EdgeError> {
+    propose_with(proposer, write_id, op, crate::proposal::Urgency::Now).await
+}
+
+/// [`propose`] with the write's urgency (see [`crate::proposal::Urgency`]).
+pub(crate) async fn propose_with(
+    proposer: &crate::proposal::Proposer,
+    write_id: crate::state::WriteId,
+    op: crate::state::Op,
+    urgency: crate::proposal::Urgency,
+) -> Result<(u64, crate::state::Reply), EdgeError> {
     let cmd = crate::state::Command {
         write_id,
         time_ms: 0,
         op,
     };
-    let out = proposer.propose(cmd).await?;
+    let out = proposer.propose_with(cmd, urgency).await?;
     Ok((out.revision, out.reply?))
 }

@@ -2,23 +2,23 @@
 //!
 //! At most `in_flight` entries of client commands are appended and not yet applied at a time.
 //! While they are in flight, new commands queue here; the next entry takes all of them (up to
-//! the batch limits). A lone command never waits: with nothing in flight and nothing queued
-//! its caller hands it to Raft itself ([`Gate::direct_slot`]), so batching adds no latency
-//! when idle and amortizes the per-entry cost (Raft bookkeeping, log append, fsync, replication
-//! message, apply call) when busy, as etcd and ZooKeeper do. Queued commands are handed to Raft
-//! in arrival order by one task. Concurrent calls have no order to keep (each came on its own
-//! stream). One exception to "never waits": commands that keep arriving in pairs at an idle
-//! leader are put in one entry ([`Pairing`]).
+//! the batch limits). A command someone waits on never waits here: with nothing in flight and
+//! nothing queued its caller hands it to Raft itself ([`Gate::direct_slot`]), so batching adds
+//! no latency when idle and amortizes the per-entry cost (Raft bookkeeping, log append, fsync,
+//! replication message, apply call) when busy, as etcd and ZooKeeper do. Queued commands are
+//! handed to Raft in arrival order by one task. Concurrent calls have no order to keep (each
+//! came on its own stream). A [`Urgency::Deferrable`] command (a lock claim behind a holder)
+//! waits for a command of the other kind to share its entry, up to [`DEFER_LIMIT`].
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::error::ClientWriteError;
 use openraft::raft::ClientWriteResult;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::{now_ms, ForwardReply, ProposeError};
+use super::{now_ms, ForwardReply, ProposeError, Urgency};
 use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::state::{Command, Proposal};
 
@@ -33,8 +33,14 @@ pub struct Batching {
     pub in_flight: usize,
 }
 
+/// How long a deferrable command waits for another to share its entry. A contended lock's
+/// release comes a round trip after the re-claim it pairs with (tens to a few hundred
+/// microseconds here); tokio's timer rounds this up to its millisecond tick.
+const DEFER_LIMIT: Duration = Duration::from_millis(1);
+
 struct Pending {
     cmd: Command,
+    urgency: Urgency,
     reply: oneshot::Sender<Delivery>,
 }
 
@@ -57,11 +63,12 @@ struct EntryParts {
     id: NodeId,
     /// Raft's answer (openraft's default responder is a tokio oneshot channel).
     applied: oneshot::Receiver<ClientWriteResult<TypeConfig>>,
+    /// Where the finishing caller's command is in the entry.
+    own: usize,
+    /// The other callers, in the entry's order.
     others: Vec<oneshot::Sender<Delivery>>,
     /// The entry's in-flight slot, freed when Raft answers.
     permit: OwnedSemaphorePermit,
-    proposed: Instant,
-    commit_time: CommitTime,
 }
 
 impl EntryFinisher {
@@ -97,14 +104,12 @@ impl EntryParts {
     ) -> ForwardReply {
         let EntryParts {
             id,
+            own,
             others,
             permit,
-            proposed,
-            commit_time,
             ..
         } = self;
         drop(permit);
-        commit_time.record(proposed.elapsed());
         let outputs = match result {
             Ok(Ok(response)) => response.data,
             Ok(Err(e)) => return Err(fail_others(others, write_error(id, e))),
@@ -122,12 +127,16 @@ impl EntryParts {
             ));
             return Err(fail_others(others, e));
         }
-        let mut outputs = outputs.into_iter();
-        let own = outputs.next().expect("one output per command");
-        for (reply, out) in others.into_iter().zip(outputs) {
-            let _ = reply.send(Delivery::Done(Ok(out)));
+        let mut own_output = None;
+        let mut others = others.into_iter();
+        for (i, out) in outputs.into_iter().enumerate() {
+            if i == own {
+                own_output = Some(out);
+            } else if let Some(reply) = others.next() {
+                let _ = reply.send(Delivery::Done(Ok(out)));
+            }
         }
-        Ok(own)
+        Ok(own_output.expect("one output per command"))
     }
 }
 
@@ -159,8 +168,6 @@ struct Gate {
     in_flight: Arc<Semaphore>,
     /// Commands queued or being formed into an entry: not yet handed to Raft.
     unproposed: AtomicUsize,
-    pairing: std::sync::Mutex<Pairing>,
-    commit_time: CommitTime,
 }
 
 impl Batcher {
@@ -178,17 +185,24 @@ impl Batcher {
     }
 
     /// Proposes `cmd` in the next batch and waits for its apply result.
-    pub(super) async fn propose(&self, cmd: Command) -> ForwardReply {
-        if let Some(permit) = self.shared.gate.direct_slot() {
-            let entry = self
-                .shared
-                .hand_to_raft(vec![cmd], permit, Vec::new())
-                .await?;
-            return entry.finish().await;
+    pub(super) async fn propose(&self, cmd: Command, urgency: Urgency) -> ForwardReply {
+        if urgency == Urgency::Now {
+            if let Some(permit) = self.shared.gate.direct_slot() {
+                let entry = self
+                    .shared
+                    .hand_to_raft(vec![cmd], permit, 0, Vec::new())
+                    .await?;
+                return entry.finish().await;
+            }
         }
         self.shared.gate.unproposed.fetch_add(1, Ordering::SeqCst);
         let (reply, rx) = oneshot::channel();
-        if self.queue.send(Pending { cmd, reply }).is_err() {
+        let pending = Pending {
+            cmd,
+            urgency,
+            reply,
+        };
+        if self.queue.send(pending).is_err() {
             self.shared.gate.unproposed.fetch_sub(1, Ordering::SeqCst);
             return Err(ProposeError::Stopped("the proposal queue is closed".into()));
         }
@@ -206,14 +220,7 @@ impl Gate {
             slots,
             in_flight: Arc::new(Semaphore::new(slots)),
             unproposed: AtomicUsize::new(0),
-            pairing: std::sync::Mutex::new(Pairing::default()),
-            commit_time: CommitTime::default(),
         }
-    }
-
-    fn pairing(&self) -> std::sync::MutexGuard<'_, Pairing> {
-        // Pairing only tunes batching; its state is valid whatever a panic interrupted.
-        self.pairing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn idle(&self) -> bool {
@@ -221,37 +228,28 @@ impl Gate {
     }
 
     /// An in-flight slot for a command that goes to Raft directly, without the batching task:
-    /// when no entry is in flight, no command waits to be proposed, and pairing holds nothing
-    /// back. Batching has nothing to add then, and the task would only cost two wake-ups on the
-    /// write's path (the task's, and the caller's for the entry to finish). Measured on one
-    /// member, 1 client: 5.1 context switches per write instead of 6.1, and about 30 µs less
-    /// server CPU per write (BENCHMARKS.md).
+    /// when no entry is in flight and no command waits to be proposed. Batching has nothing to
+    /// add then, and the task would only cost two wake-ups on the write's path (the task's, and
+    /// the caller's for the entry to finish). Measured on one member, 1 client: 5.1 context
+    /// switches per write instead of 6.1, and about 30 µs less server CPU per write
+    /// (BENCHMARKS.md).
     fn direct_slot(&self) -> Option<OwnedSemaphorePermit> {
         if self.unproposed.load(Ordering::SeqCst) != 0 || !self.idle() {
             return None;
         }
-        let mut pairing = self.pairing();
-        if pairing.wait {
-            return None;
-        }
-        let permit = self.in_flight.clone().try_acquire_owned().ok()?;
-        let now = Instant::now();
-        // Not waiting, so the command goes at once (perhaps as a near miss, which makes the
-        // next pair wait, through the task).
-        let waits = pairing.on_first(now, true, self.commit_time.pair_window());
-        debug_assert!(!waits, "pairing waits only when it said so before");
-        pairing.on_proposed(now, 1, false);
-        Some(permit)
+        self.in_flight.clone().try_acquire_owned().ok()
     }
 }
 
 impl Shared {
-    /// Hands one entry of `commands` to Raft. Returns the entry for its first command's caller
-    /// to finish; `others` are the other commands' callers, which it fails if Raft has stopped.
+    /// Hands one entry of `commands` to Raft. Returns the entry for the caller of command `own`
+    /// to finish; `others` are the other commands' callers in order, which it fails if Raft
+    /// has stopped.
     async fn hand_to_raft(
         &self,
         mut commands: Vec<Command>,
         permit: OwnedSemaphorePermit,
+        own: usize,
         others: Vec<oneshot::Sender<Delivery>>,
     ) -> Result<EntryFinisher, ProposeError> {
         // The leader's clock, stamped once per entry, so apply never reads one.
@@ -272,149 +270,104 @@ impl Shared {
             parts: Some(EntryParts {
                 id: self.id,
                 applied,
+                own,
                 others,
                 permit,
-                proposed: Instant::now(),
-                commit_time: self.gate.commit_time.clone(),
             }),
         })
     }
 }
 
-/// Bounds of the pairing window (see [`CommitTime`]).
-const MIN_PAIR_WAIT: Duration = Duration::from_micros(50);
-const MAX_PAIR_WAIT: Duration = Duration::from_micros(300);
-
-/// A moving average of how long an entry takes from proposal to Raft's answer: one fsync on a
-/// single member, a replication round trip and two fsyncs on three. It sets how long an idle
-/// batcher waits for the second command of a pair (see [`Pairing`]): a third of a commit, which
-/// is what a pair split over two entries costs the second command. A lone client's next
-/// command comes at least a whole commit after its last, so it never looks like a near miss.
-/// Measured: three members, 8 clients on one lock, 1,123-1,202 hand-offs/s with a fixed 60 µs
-/// window against 1,391-1,400 with 200 µs (1.8 and 1.2 entries per hand-off).
-#[derive(Clone, Default)]
-struct CommitTime {
-    micros: Arc<AtomicU64>,
+/// The commands of the entry being formed, in arrival order.
+struct Forming {
+    batch: Vec<Pending>,
+    bytes: usize,
+    /// Commands whose callers wait on them now.
+    urgent: usize,
 }
 
-impl CommitTime {
-    fn record(&self, took: Duration) {
-        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let old = self.micros.load(Ordering::Relaxed);
-        // Updated by whichever caller finishes an entry; a lost update only slows the average.
-        let new = if old == 0 {
-            sample
-        } else {
-            old - old / 8 + sample / 8
+impl Forming {
+    fn new(first: Pending) -> Self {
+        let mut forming = Forming {
+            batch: Vec::new(),
+            bytes: 0,
+            urgent: 0,
         };
-        self.micros.store(new, Ordering::Relaxed);
+        forming.push(first);
+        forming
     }
 
-    fn pair_window(&self) -> Duration {
-        Duration::from_micros(self.micros.load(Ordering::Relaxed) / 3)
-            .clamp(MIN_PAIR_WAIT, MAX_PAIR_WAIT)
-    }
-}
-
-/// Notices commands that arrive in pairs at an idle leader — the next lock holder's unlock
-/// and the last holder's new claim, both sent on the same applied release — which would
-/// otherwise go in two entries, one fsync (and replication round) after the other. After one
-/// such near miss, an idle batcher holds its first command up to the pairing window (a third
-/// of a recent commit, [`CommitTime`]) for a partner,
-/// and stops as soon as none comes or entries fill up on their own. A lone client never
-/// arrives within that window of its own previous entry (a write's round trip includes an
-/// fsync), so it never waits.
-#[derive(Debug, Default)]
-struct Pairing {
-    /// When the last entry of a single command was proposed.
-    single_proposed: Option<Instant>,
-    /// Whether an idle batcher waits for a partner.
-    wait: bool,
-}
-
-impl Pairing {
-    /// Called with the command that starts an entry; returns whether to wait for a partner.
-    /// `window`: how close behind a lone command another counts as its partner.
-    fn on_first(&mut self, now: Instant, idle: bool, window: Duration) -> bool {
-        let near_miss = self
-            .single_proposed
-            .take()
-            .is_some_and(|t| now.duration_since(t) < window);
-        if near_miss {
-            // This command is the partner that just missed its entry: it goes at once, and
-            // the next pair waits.
-            self.wait = true;
-            return false;
-        }
-        self.wait && idle
+    fn push(&mut self, p: Pending) {
+        self.bytes += p.cmd.approx_size();
+        self.urgent += usize::from(p.urgency == Urgency::Now);
+        self.batch.push(p);
     }
 
-    fn on_proposed(&mut self, now: Instant, commands: usize, waited_in_vain: bool) {
-        // Under load entries fill up while others are in flight: no need to wait.
-        if waited_in_vain || commands > 2 {
-            self.wait = false;
-        }
-        self.single_proposed = (commands == 1).then_some(now);
+    fn full(&self, limits: &Batching) -> bool {
+        self.batch.len() >= limits.max_commands || self.bytes >= limits.max_bytes
     }
-}
 
-/// Yields until a command is queued or `until` passes (tokio's timers tick in milliseconds,
-/// far coarser than the wait). Returns whether one came.
-async fn wait_for_partner(rx: &mpsc::UnboundedReceiver<Pending>, until: Instant) -> bool {
-    loop {
-        if !rx.is_empty() {
-            return true;
+    /// Adds the commands already queued, up to the limits.
+    fn take_queued(&mut self, rx: &mut mpsc::UnboundedReceiver<Pending>, limits: &Batching) {
+        while !self.full(limits) {
+            match rx.try_recv() {
+                Ok(p) => self.push(p),
+                Err(_) => break,
+            }
         }
-        if Instant::now() >= until {
-            return false;
+    }
+
+    /// Waits, up to [`DEFER_LIMIT`], for a command somebody waits on, while the entry has only
+    /// deferrable ones.
+    async fn wait_for_urgent(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Pending>,
+        limits: &Batching,
+    ) {
+        let until = tokio::time::Instant::now() + DEFER_LIMIT;
+        while self.urgent == 0 && !self.full(limits) {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(p)) => self.push(p),
+                // Out of time, or the queue closed (the loop then ends after this entry).
+                Ok(None) | Err(_) => break,
+            }
         }
-        tokio::task::yield_now().await;
     }
 }
 
 async fn run(shared: Arc<Shared>, limits: Batching, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let gate = &shared.gate;
     while let Some(first) = rx.recv().await {
-        let idle = gate.idle();
-        let mut waited_in_vain = false;
-        let window = gate.commit_time.pair_window();
-        if gate.pairing().on_first(Instant::now(), idle, window) {
-            waited_in_vain = !wait_for_partner(&rx, Instant::now() + window).await;
-        }
+        let mut forming = Forming::new(first);
+        forming.take_queued(&mut rx, &limits);
+        forming.wait_for_urgent(&mut rx, &limits).await;
         // Waiting here is what forms batches: commands arriving meanwhile join this one.
         let Ok(permit) = gate.in_flight.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = first.cmd.approx_size();
-        let mut batch = vec![first];
-        while batch.len() < limits.max_commands && bytes < limits.max_bytes {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.cmd.approx_size();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
-        let count = batch.len();
-        let (commands, replies): (Vec<Command>, Vec<_>) =
-            batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-        gate.pairing()
-            .on_proposed(Instant::now(), count, waited_in_vain);
-        let mut replies = replies.into_iter();
-        let first = replies.next().expect("a batch has a command");
-        let entry = shared
-            .hand_to_raft(commands, permit, replies.collect())
-            .await;
+        forming.take_queued(&mut rx, &limits);
+        let count = forming.batch.len();
+        // The caller that finishes the entry hands the others their results, so it is one
+        // that waits on its own now: a deferrable command's caller would add its wake-up to
+        // theirs.
+        let own = forming
+            .batch
+            .iter()
+            .position(|p| p.urgency == Urgency::Now)
+            .unwrap_or(0);
+        let (commands, mut replies): (Vec<Command>, Vec<_>) =
+            forming.batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        let finisher = replies.remove(own);
+        let entry = shared.hand_to_raft(commands, permit, own, replies).await;
         // Handed to Raft (or failed): the direct path may go again once the entry is answered.
         gate.unproposed.fetch_sub(count, Ordering::SeqCst);
         match entry {
-            // A first caller that is gone drops the entry unfinished: it finishes on a task.
+            // A finishing caller that is gone drops the entry unfinished: it finishes on a task.
             Ok(entry) => {
-                let _ = first.send(Delivery::Finish(entry));
+                let _ = finisher.send(Delivery::Finish(entry));
             }
             Err(e) => {
-                let _ = first.send(Delivery::Done(Err(e)));
+                let _ = finisher.send(Delivery::Done(Err(e)));
                 return;
             }
         }
@@ -440,7 +393,7 @@ fn fail_all(replies: Vec<oneshot::Sender<Delivery>>, e: ProposeError) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ApplyError, ApplyOutput};
+    use crate::state::{ApplyError, ApplyOutput, Op};
     use openraft::raft::ClientWriteResponse;
     use openraft::{CommittedLeaderId, LogId};
 
@@ -457,6 +410,7 @@ mod tests {
     #[allow(clippy::type_complexity)]
     fn make_entry(
         callers: usize,
+        own: usize,
     ) -> (
         EntryFinisher,
         Vec<oneshot::Receiver<Delivery>>,
@@ -472,10 +426,9 @@ mod tests {
             parts: Some(EntryParts {
                 id: 1,
                 applied,
+                own,
                 others,
                 permit,
-                proposed: Instant::now(),
-                commit_time: CommitTime::default(),
             }),
         };
         (entry, receivers, answer, slots)
@@ -498,7 +451,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_caller_finishes_the_entry_for_everyone() {
-        let (entry, others, answer, slots) = make_entry(3);
+        let (entry, others, answer, slots) = make_entry(3, 0);
         let finishing = tokio::spawn(entry.finish());
         assert_eq!(slots.available_permits(), 0, "in flight until answered");
         answer
@@ -515,7 +468,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_entry_whose_first_caller_gave_up_still_answers_the_others() {
-        let (entry, mut others, answer, slots) = make_entry(2);
+        let (entry, mut others, answer, slots) = make_entry(2, 0);
         let finishing = tokio::spawn(entry.finish());
         finishing.abort();
         assert!(finishing.await.unwrap_err().is_cancelled());
@@ -534,7 +487,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_output_count_or_a_dropped_answer_fails_every_caller() {
-        let (entry, others, answer, _) = make_entry(2);
+        let (entry, others, answer, _) = make_entry(2, 0);
         answer.send(applied(vec![output(5)])).unwrap();
         assert!(matches!(
             entry.finish().await,
@@ -543,7 +496,7 @@ mod tests {
         for rx in others {
             assert!(matches!(done(rx), Err(ProposeError::Stopped(_))));
         }
-        let (entry, others, answer, _) = make_entry(2);
+        let (entry, others, answer, _) = make_entry(2, 0);
         drop(answer);
         assert!(matches!(
             entry.finish().await,
@@ -563,101 +516,114 @@ mod tests {
         gate.unproposed.fetch_add(1, Ordering::SeqCst);
         assert!(gate.direct_slot().is_none(), "a command is queued");
         gate.unproposed.fetch_sub(1, Ordering::SeqCst);
-        gate.pairing().wait = true;
-        assert!(gate.direct_slot().is_none(), "pairing holds commands back");
-        gate.pairing().wait = false;
         assert!(gate.direct_slot().is_some());
     }
 
-    #[test]
-    fn a_near_miss_on_the_direct_path_sends_the_next_pair_through_the_task() {
-        let gate = Gate::new(1);
-        gate.commit_time.record(Duration::from_secs(1)); // the widest window
-        drop(gate.direct_slot().expect("the first goes directly"));
-        // Its partner, right behind it, goes at once too, as a near miss...
-        drop(gate.direct_slot().expect("a near miss goes at once"));
-        // ...and from then on pairs wait for each other in the task.
-        assert!(gate.pairing().wait);
-        assert!(gate.direct_slot().is_none());
+    #[tokio::test]
+    async fn the_finishing_caller_may_hold_any_command_of_the_entry() {
+        let (entry, others, answer, _) = make_entry(3, 1);
+        answer
+            .send(applied(vec![output(5), output(6), output(7)]))
+            .unwrap();
+        assert_eq!(entry.finish().await.unwrap().revision, 6);
+        let revisions: Vec<u64> = others
+            .into_iter()
+            .map(|rx| done(rx).unwrap().revision)
+            .collect();
+        assert_eq!(revisions, vec![5, 7], "the others, in the entry's order");
     }
 
-    const US: Duration = Duration::from_micros(1);
-
-    /// The pairing window of a single member in these tests.
-    const W: Duration = Duration::from_micros(60);
-
-    #[test]
-    fn a_near_miss_makes_the_next_pair_share_an_entry() {
-        let t0 = Instant::now();
-        let mut p = Pairing::default();
-        // A claim goes alone; the unlock arrives 20 µs later: a near miss, which goes at once.
-        assert!(!p.on_first(t0, true, W));
-        p.on_proposed(t0, 1, false);
-        assert!(!p.on_first(t0 + 20 * US, false, W));
-        p.on_proposed(t0 + 20 * US, 1, false);
-        // The next pair waits, when idle, and keeps waiting while partners come.
-        let t1 = t0 + 1000 * US;
-        assert!(p.on_first(t1, true, W));
-        p.on_proposed(t1 + 15 * US, 2, false);
-        assert!(p.on_first(t1 + 900 * US, true, W));
-        // A busy batcher forms batches anyway: no waiting there.
-        assert!(!p.on_first(t1 + 950 * US, false, W));
-    }
-
-    #[test]
-    fn waiting_stops_when_no_partner_comes_or_entries_fill_up() {
-        let t0 = Instant::now();
-        let mut p = Pairing {
-            single_proposed: None,
-            wait: true,
+    fn pending(urgency: Urgency) -> (Pending, oneshot::Receiver<Delivery>) {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command {
+            write_id: Default::default(),
+            time_ms: 0,
+            op: Op::Claim {
+                parent: "/kord/locks/l".into(),
+                lease: 7,
+                data: Vec::new(),
+            },
         };
-        assert!(p.on_first(t0, true, W));
-        p.on_proposed(t0 + W, 1, true);
-        assert!(!p.on_first(t0 + W * 10, true, W), "waited in vain");
-
-        let mut p = Pairing {
-            single_proposed: None,
-            wait: true,
+        let p = Pending {
+            cmd,
+            urgency,
+            reply,
         };
-        p.on_proposed(t0, 40, false);
-        assert!(
-            !p.on_first(t0 + W * 10, true, W),
-            "entries fill up on their own"
-        );
+        (p, rx)
     }
 
-    #[test]
-    fn a_lone_client_never_waits() {
-        // One write at a time: the next arrives at least a commit later, and the window is a
-        // third of a commit.
-        for commit in [250 * US, 650 * US, 5000 * US] {
-            let times = CommitTime::default();
-            let mut p = Pairing::default();
-            let mut t = Instant::now();
-            for _ in 0..100 {
-                times.record(commit);
-                assert!(!p.on_first(t, true, times.pair_window()));
-                p.on_proposed(t, 1, false);
-                t += commit;
+    const LIMITS: Batching = Batching {
+        max_commands: 4,
+        max_bytes: 1 << 20,
+        in_flight: 1,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferrable_command_waits_for_one_somebody_waits_on() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (claim, _c) = pending(Urgency::Deferrable);
+        let mut forming = Forming::new(claim);
+        // Sent while the batcher waits (time stands still unless every task is idle).
+        let sender = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            for urgency in [Urgency::Deferrable, Urgency::Now, Urgency::Now] {
+                tokio::task::yield_now().await;
+                let (p, rx) = pending(urgency);
+                tx.send(p).unwrap();
+                kept.push(rx);
             }
-        }
+            kept
+        });
+        let start = tokio::time::Instant::now();
+        forming.wait_for_urgent(&mut rx, &LIMITS).await;
+        let urgencies: Vec<Urgency> = forming.batch.iter().map(|p| p.urgency).collect();
+        assert_eq!(
+            urgencies,
+            vec![Urgency::Deferrable, Urgency::Deferrable, Urgency::Now],
+            "deferrable ones join; the first urgent one ends the wait"
+        );
+        assert!(start.elapsed() < DEFER_LIMIT);
+        let _kept = sender.await.unwrap();
+        assert_eq!(
+            rx.len(),
+            1,
+            "the second urgent one is left for the entry to take"
+        );
     }
 
-    #[test]
-    fn the_pairing_window_is_a_third_of_a_commit_within_bounds() {
-        let times = CommitTime::default();
-        assert_eq!(times.pair_window(), MIN_PAIR_WAIT, "before any commit");
-        times.record(600 * US);
-        assert_eq!(times.pair_window(), 200 * US);
-        for _ in 0..100 {
-            times.record(240 * US);
+    #[tokio::test(start_paused = true)]
+    async fn a_deferrable_command_goes_alone_after_the_limit_and_an_urgent_one_never_waits() {
+        let (_tx, mut rx) = mpsc::unbounded_channel();
+        let (claim, _c) = pending(Urgency::Deferrable);
+        let mut forming = Forming::new(claim);
+        let start = tokio::time::Instant::now();
+        forming.wait_for_urgent(&mut rx, &LIMITS).await;
+        assert_eq!(forming.batch.len(), 1);
+        assert_eq!(start.elapsed(), DEFER_LIMIT);
+
+        let (write, _w) = pending(Urgency::Now);
+        let mut forming = Forming::new(write);
+        let start = tokio::time::Instant::now();
+        forming.wait_for_urgent(&mut rx, &LIMITS).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_entry_of_deferrable_commands_does_not_wait() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut keep = Vec::new();
+        let (first, c) = pending(Urgency::Deferrable);
+        keep.push(c);
+        for _ in 1..LIMITS.max_commands + 2 {
+            let (p, c) = pending(Urgency::Deferrable);
+            tx.send(p).unwrap();
+            keep.push(c);
         }
-        let w = times.pair_window();
-        assert!(
-            w >= 80 * US && w <= 90 * US,
-            "{w:?} after commits of 240 µs"
-        );
-        times.record(Duration::from_secs(1));
-        assert_eq!(times.pair_window(), MAX_PAIR_WAIT);
+        let mut forming = Forming::new(first);
+        forming.take_queued(&mut rx, &LIMITS);
+        let start = tokio::time::Instant::now();
+        forming.wait_for_urgent(&mut rx, &LIMITS).await;
+        assert_eq!(forming.batch.len(), LIMITS.max_commands);
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

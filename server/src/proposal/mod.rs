@@ -53,6 +53,18 @@ impl ProposeError {
     }
 }
 
+/// Whether somebody waits on a command's result now, which decides when the leader's batcher
+/// hands it to Raft.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// Its caller waits on it: it goes to Raft as soon as an entry can take it.
+    Now,
+    /// Its caller will wait longer anyway (a lock claim queued behind a holder, which waits for
+    /// that holder's release): it rides in the next entry a command of the other kind starts —
+    /// typically that very release — or goes alone after a millisecond or two.
+    Deferrable,
+}
+
 /// What the leader returns for a forwarded write.
 pub type ForwardReply = Result<ApplyOutput, ProposeError>;
 
@@ -118,6 +130,16 @@ impl Proposer {
 
     /// Proposes a command wherever the leader is and returns its apply result.
     pub async fn propose(&self, cmd: Command) -> Result<ApplyOutput, ProposeError> {
+        self.propose_with(cmd, Urgency::Now).await
+    }
+
+    /// [`Proposer::propose`] with the command's urgency. It counts only on the leader: a
+    /// forwarded command goes to Raft as soon as it can.
+    pub async fn propose_with(
+        &self,
+        cmd: Command,
+        urgency: Urgency,
+    ) -> Result<ApplyOutput, ProposeError> {
         let start = Instant::now();
         let mut leader = self.leader().await?;
         let mut forwards = 0;
@@ -125,7 +147,7 @@ impl Proposer {
             if leader == self.inner.id {
                 // Moved, not copied: if leadership moved meanwhile the write was not appended,
                 // and the client retries it (with the same write id).
-                break self.propose_here(cmd).await?;
+                break self.inner.batcher.propose(cmd, urgency).await?;
             }
             match self.forward(leader, &cmd).await {
                 Ok(out) => break out,
@@ -147,7 +169,7 @@ impl Proposer {
 
     /// Proposes on this member, which must be the leader; the batcher stamps the time.
     pub async fn propose_here(&self, cmd: Command) -> ForwardReply {
-        self.inner.batcher.propose(cmd).await
+        self.inner.batcher.propose(cmd, Urgency::Now).await
     }
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> ForwardReply {
