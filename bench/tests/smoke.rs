@@ -102,11 +102,7 @@ async fn kord_smoke_run() {
         },
     ];
     let table = kord_bench::markdown(&reports, &rows);
-    let watch_line = table
-        .lines()
-        .find(|l| l.starts_with("| watch"))
-        .expect("watch row");
-    assert!(watch_line.contains("n/a"), "{table}");
+    assert!(table_line(&table, "| watch").contains("n/a"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("| write")), "{table}");
     cluster.stop();
 }
@@ -151,9 +147,14 @@ async fn compare_in_rounds_starts_every_round_afresh() {
         }
     }
     let table = kord_bench::markdown(&reports, &rows);
-    let line = table
-        .lines()
-        .find(|l| l.starts_with("| write, 64 clients"))
-        .expect("the 64-client write row");
+    let line = table_line(&table, "| write, 64 clients");
     assert!(line.contains("median of 2 rounds"), "{table}");
+}
+
+/// The line of a rendered table that starts with `prefix`.
+fn table_line<'a>(table: &'a str, prefix: &str) -> &'a str {
+    table
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in {table}"))
 }

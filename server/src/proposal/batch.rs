@@ -44,17 +44,18 @@ struct Pending {
     reply: oneshot::Sender<Delivery>,
 }
 
-/// What a caller of [`Batcher::propose`] receives: its result, or, as the first command of an
-/// entry, the entry to finish.
+/// What a caller of [`Batcher::propose`] receives: its result, or, as the entry's finishing
+/// caller, the entry to finish.
 enum Delivery {
     Done(ForwardReply),
     Finish(EntryFinisher),
 }
 
-/// One entry in flight: Raft's answer and the other callers waiting on it. The entry's first
-/// caller awaits Raft's answer itself and hands out the others' results, so that the answer
-/// wakes a caller directly rather than a task in between (one wake-up less per write).
-/// Dropped unfinished — that caller gave up — it finishes on a task of its own.
+/// One entry in flight: Raft's answer and the other callers waiting on it. The entry's
+/// finishing caller (the caller of its first command somebody waits on now) awaits Raft's
+/// answer itself and hands out the others' results, so that the answer wakes a caller directly
+/// rather than a task in between (one wake-up less per write). Dropped unfinished — that
+/// caller gave up — it finishes on a task of its own.
 struct EntryFinisher {
     parts: Option<EntryParts>,
 }
@@ -89,7 +90,7 @@ impl Drop for EntryFinisher {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let result = (&mut parts.applied).await;
-                // The first caller's own result has nobody left to take it.
+                // The finishing caller's own result has nobody left to take it.
                 let _ = parts.deliver(result);
             });
         }
@@ -97,7 +98,7 @@ impl Drop for EntryFinisher {
 }
 
 impl EntryParts {
-    /// Hands the other callers their results and returns the first caller's.
+    /// Hands the other callers their results and returns the finishing caller's.
     fn deliver(
         self,
         result: Result<ClientWriteResult<TypeConfig>, oneshot::error::RecvError>,
@@ -140,7 +141,7 @@ impl EntryParts {
     }
 }
 
-/// Fails the other callers with `e` and returns it for the first.
+/// Fails the other callers with `e` and returns it for the finishing caller.
 fn fail_others(others: Vec<oneshot::Sender<Delivery>>, e: ProposeError) -> ProposeError {
     fail_all(others, e.clone());
     e
@@ -282,8 +283,8 @@ impl Shared {
 struct Forming {
     batch: Vec<Pending>,
     bytes: usize,
-    /// Commands whose callers wait on them now.
-    urgent: usize,
+    /// Whether a command's caller waits on it now.
+    urgent: bool,
 }
 
 impl Forming {
@@ -291,7 +292,7 @@ impl Forming {
         let mut forming = Forming {
             batch: Vec::new(),
             bytes: 0,
-            urgent: 0,
+            urgent: false,
         };
         forming.push(first);
         forming
@@ -299,7 +300,7 @@ impl Forming {
 
     fn push(&mut self, p: Pending) {
         self.bytes += p.cmd.approx_size();
-        self.urgent += usize::from(p.urgency == Urgency::Now);
+        self.urgent |= p.urgency == Urgency::Now;
         self.batch.push(p);
     }
 
@@ -325,7 +326,7 @@ impl Forming {
         limits: &Batching,
     ) {
         let until = tokio::time::Instant::now() + DEFER_LIMIT;
-        while self.urgent == 0 && !self.full(limits) {
+        while !self.urgent && !self.full(limits) {
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(p)) => self.push(p),
                 // Out of time, or the queue closed (the loop then ends after this entry).
@@ -445,7 +446,7 @@ mod tests {
     fn done(mut rx: oneshot::Receiver<Delivery>) -> ForwardReply {
         match rx.try_recv().expect("a delivery") {
             Delivery::Done(reply) => reply,
-            Delivery::Finish(_) => panic!("only the first caller finishes an entry"),
+            Delivery::Finish(_) => panic!("only the finishing caller finishes an entry"),
         }
     }
 
