@@ -118,6 +118,15 @@ impl Report {
     }
 }
 
+/// Network slots beyond the first members, for members added by replacements: a slot is a
+/// member id, and ids are never reused, so every replacement takes a new one. The nemesis
+/// replaces about one member per half minute; a slot per 20 s of run leaves room, and at
+/// least two keep short runs as they were. Slots are host numbers 1-254 of a /24.
+fn spare_slots(members: usize, duration: Duration) -> usize {
+    let wanted = usize::try_from(duration.as_secs() / 20).unwrap_or(usize::MAX);
+    wanted.max(2).min(254usize.saturating_sub(members))
+}
+
 /// Runs one chaos run to the end. Panics only on harness failures (a member that cannot start).
 pub async fn run(opts: ChaosOpts) -> Report {
     eprintln!(
@@ -136,8 +145,7 @@ pub async fn run(opts: ChaosOpts) -> Report {
     // Declared before the cluster, so it is dropped (torn down) after the members are killed.
     let mut network = None;
     if faults.iter().any(|f| f.needs_network()) {
-        // Two spare slots for members added by replacements.
-        match Network::create(opts.members + 2) {
+        match Network::create(opts.members + spare_slots(opts.members, opts.duration)) {
             Ok(n) => network = Some(n),
             Err(e) => {
                 let msg =
@@ -394,4 +402,24 @@ pub async fn run(opts: ChaosOpts) -> Report {
     drop(cluster);
     drop(network);
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_runs_get_a_network_slot_for_every_likely_replacement() {
+        assert_eq!(
+            spare_slots(3, Duration::from_secs(30)),
+            2,
+            "short mode as before"
+        );
+        assert_eq!(spare_slots(5, Duration::from_secs(600)), 30);
+        assert_eq!(
+            spare_slots(5, Duration::from_secs(24 * 3600)),
+            249,
+            "within a /24"
+        );
+    }
 }
