@@ -283,8 +283,9 @@ impl Shared {
 struct Forming {
     batch: Vec<Pending>,
     bytes: usize,
-    /// Whether a command's caller waits on it now.
-    urgent: bool,
+    /// The index of the first command whose caller waits on it now: that caller finishes the
+    /// entry.
+    first_urgent: Option<usize>,
 }
 
 impl Forming {
@@ -292,7 +293,7 @@ impl Forming {
         let mut forming = Forming {
             batch: Vec::new(),
             bytes: 0,
-            urgent: false,
+            first_urgent: None,
         };
         forming.push(first);
         forming
@@ -300,7 +301,9 @@ impl Forming {
 
     fn push(&mut self, p: Pending) {
         self.bytes += p.cmd.approx_size();
-        self.urgent |= p.urgency == Urgency::Now;
+        if p.urgency == Urgency::Now && self.first_urgent.is_none() {
+            self.first_urgent = Some(self.batch.len());
+        }
         self.batch.push(p);
     }
 
@@ -326,7 +329,7 @@ impl Forming {
         limits: &Batching,
     ) {
         let until = tokio::time::Instant::now() + DEFER_LIMIT;
-        while !self.urgent && !self.full(limits) {
+        while self.first_urgent.is_none() && !self.full(limits) {
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(p)) => self.push(p),
                 // Out of time, or the queue closed (the loop then ends after this entry).
@@ -351,11 +354,7 @@ async fn run(shared: Arc<Shared>, limits: Batching, mut rx: mpsc::UnboundedRecei
         // The caller that finishes the entry hands the others their results, so it is one
         // that waits on its own now: a deferrable command's caller would add its wake-up to
         // theirs.
-        let own = forming
-            .batch
-            .iter()
-            .position(|p| p.urgency == Urgency::Now)
-            .unwrap_or(0);
+        let own = forming.first_urgent.unwrap_or(0);
         let (commands, mut replies): (Vec<Command>, Vec<_>) =
             forming.batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
         let finisher = replies.remove(own);
