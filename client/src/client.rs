@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::batch::{Batchable, CallBatcher};
 use crate::write_id::WriteTracker;
 use crate::{CreateMode, CreateOptions, Created, Error, Op, OpResult, Session};
 use kord_api::transport::Channel;
@@ -43,6 +44,7 @@ pub struct ClientBuilder {
     retry_budget: Duration,
     consistency: Consistency,
     auto_sync: Option<Duration>,
+    batch_writes: bool,
 }
 
 impl ClientBuilder {
@@ -55,6 +57,7 @@ impl ClientBuilder {
             retry_budget: DEFAULT_RETRY_BUDGET,
             consistency: Consistency::Linearizable,
             auto_sync: None,
+            batch_writes: true,
         }
     }
 
@@ -62,6 +65,15 @@ impl ClientBuilder {
     /// Default 5 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Whether creates, sets and deletes that callers make at the same moment on one connection
+    /// travel together in one `Batch` call (each still succeeds or fails on its own). Default
+    /// on: it saves both ends the per-call work. A write made while none is in flight always
+    /// goes alone at once.
+    pub fn batch_writes(mut self, on: bool) -> Self {
+        self.batch_writes = on;
         self
     }
 
@@ -130,6 +142,7 @@ impl ClientBuilder {
             connect_timeout: self.connect_timeout,
             max_retries: self.max_retries,
             retry_budget: self.retry_budget,
+            batch_writes: self.batch_writes,
             watches: std::sync::Mutex::default(),
         });
         if inner.endpoint_list().len() > 1 {
@@ -158,6 +171,8 @@ pub struct Client {
 pub(crate) struct EndpointConn {
     pub(crate) addr: Arc<str>,
     pub(crate) channel: Channel,
+    /// Combines the writes made at the same moment on this connection ([`crate::batch`]).
+    pub(crate) batcher: Arc<CallBatcher>,
 }
 
 impl EndpointConn {
@@ -165,6 +180,7 @@ impl EndpointConn {
         Ok(EndpointConn {
             addr: addr.into(),
             channel: lazy_channel(addr, connect_timeout)?,
+            batcher: Arc::default(),
         })
     }
 }
@@ -187,6 +203,7 @@ pub(crate) struct Inner {
     connect_timeout: Duration,
     pub(crate) max_retries: Option<u32>,
     pub(crate) retry_budget: Duration,
+    batch_writes: bool,
     /// The task that owns this client's watch stream (started by the first watch), and the
     /// last key given to a watch.
     watches: std::sync::Mutex<(
@@ -354,12 +371,7 @@ impl Client {
             container,
             ttl_ms,
         };
-        let resp = self
-            .write(
-                req,
-                |ch, r| async move { KvClient::new(ch).create(r).await },
-            )
-            .await?;
+        let resp = self.write_batched(req).await?;
         Ok(resp.into())
     }
 
@@ -465,9 +477,7 @@ impl Client {
             data: data.into(),
             expected_version,
         };
-        let resp = self
-            .write(req, |ch, r| async move { KvClient::new(ch).set(r).await })
-            .await?;
+        let resp = self.write_batched(req).await?;
         Ok(resp.stat.unwrap_or_default())
     }
 
@@ -477,11 +487,7 @@ impl Client {
             path: path.to_owned(),
             expected_version,
         };
-        self.write(
-            req,
-            |ch, r| async move { KvClient::new(ch).delete(r).await },
-        )
-        .await?;
+        self.write_batched(req).await?;
         Ok(())
     }
 
@@ -622,6 +628,29 @@ impl Client {
         .await
     }
 
+    /// A create, set or delete, in a batch with the writes other callers make at the same
+    /// moment on the same connection, if any ([`crate::batch`]).
+    pub(crate) async fn write_batched<Req: Batchable>(
+        &self,
+        req: Req,
+    ) -> Result<Req::Response, Error> {
+        let pending = self.inner.writes.begin();
+        self.call_on(Kind::Write, |endpoint| {
+            let mut req = req.clone();
+            req.set_write_id(pending.write_id());
+            let request = self.inner.request(req);
+            let channel = endpoint.channel.clone();
+            let batcher = self.inner.batch_writes.then(|| endpoint.batcher.clone());
+            async move {
+                match batcher {
+                    Some(batcher) => batcher.submit(channel, request).await,
+                    None => Req::send_alone(channel, request).await,
+                }
+            }
+        })
+        .await
+    }
+
     pub(crate) async fn read<Req, T, F, Fut>(
         &self,
         consistency: Consistency,
@@ -646,16 +675,23 @@ impl Client {
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
+        self.call_on(kind, |endpoint| attempt(endpoint.channel.clone()))
+            .await
+    }
+
+    /// [`Client::call`] with the whole endpoint (its connection and batcher) for each attempt.
+    pub(crate) async fn call_on<T, F, Fut>(&self, kind: Kind, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(&EndpointConn) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
         let inner = &self.inner;
         let started = Instant::now();
         let mut backoff = BACKOFF_START;
         let mut retries: u32 = 0;
         loop {
             let (idx, endpoint) = inner.pick(kind.prefers_leader());
-            let err = match inner
-                .attempt(&endpoint.addr, attempt(endpoint.channel.clone()))
-                .await
-            {
+            let err = match inner.attempt(&endpoint.addr, attempt(&endpoint)).await {
                 Ok(resp) => return Ok(resp),
                 Err(err) => err,
             };
@@ -825,6 +861,7 @@ impl Inner {
                 Some(known) => Ok(EndpointConn {
                     addr: addr.as_str().into(),
                     channel: known.channel.clone(),
+                    batcher: known.batcher.clone(),
                 }),
                 None => EndpointConn::new(addr, self.connect_timeout),
             })

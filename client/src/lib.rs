@@ -55,6 +55,7 @@
 //! every retry, so a write that reached the server before a connection dropped is not applied
 //! twice.
 
+mod batch;
 pub mod cli;
 mod client;
 mod election;

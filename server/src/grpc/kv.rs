@@ -9,10 +9,13 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::{EdgeError, Limits};
 use crate::metrics::Metrics;
-use crate::proposal::Proposer;
+use crate::proposal::{Proposer, Urgency};
 use crate::raft::{NodeId, Raft};
 use crate::state::{path, CreateMode, Op, Reply, SubOp, SubReply};
 use crate::storage::state_machine::{AppliedState, SharedState};
+
+/// Most items in one `Batch` call (kord-client sends at most 128).
+pub const MAX_BATCH_ITEMS: usize = 1024;
 
 pub struct KvService {
     pub id: NodeId,
@@ -90,6 +93,7 @@ impl KvService {
         &self,
         write_id: Option<pb::WriteId>,
         op: Op,
+        urgency: Urgency,
     ) -> Result<(u64, Reply), EdgeError> {
         match &op {
             Op::LeaseGrant { .. }
@@ -114,18 +118,107 @@ impl KvService {
                 }
             }
         }
-        super::propose(&self.proposer, convert::write_id(write_id), op).await
+        super::propose_with(&self.proposer, convert::write_id(write_id), op, urgency).await
     }
 
     async fn write_single(
         &self,
         write_id: Option<pb::WriteId>,
         op: SubOp,
+        urgency: Urgency,
     ) -> Result<(pb::ResponseHeader, SubReply), EdgeError> {
-        let (revision, reply) = self.write(write_id, Op::Single(op)).await?;
+        let (revision, reply) = self.write(write_id, Op::Single(op), urgency).await?;
         match reply {
             Reply::Single(r) => Ok((self.header(revision), r)),
             _ => Err(EdgeError::WriteIdReused),
+        }
+    }
+
+    async fn create_one(
+        &self,
+        urgency: Urgency,
+        r: pb::CreateRequest,
+    ) -> Result<pb::CreateResponse, EdgeError> {
+        let mode = convert::create_mode(&r.path, r.lease_id, r.container, r.ttl_ms, r.sequential);
+        let op = SubOp::Create {
+            mode: mode.map_err(EdgeError::InvalidArgument)?,
+            path: r.path,
+            data: r.data,
+            sequential: r.sequential,
+        };
+        match self.write_single(r.write_id, op, urgency).await? {
+            (header, SubReply::Created { path, stat }) => Ok(pb::CreateResponse {
+                header: Some(header),
+                path,
+                stat: Some(convert::stat(&stat)),
+            }),
+            _ => Err(EdgeError::WriteIdReused),
+        }
+    }
+
+    async fn set_one(
+        &self,
+        urgency: Urgency,
+        r: pb::SetRequest,
+    ) -> Result<pb::SetResponse, EdgeError> {
+        let op = SubOp::Set {
+            path: r.path,
+            data: r.data,
+            expected_version: r.expected_version,
+        };
+        match self.write_single(r.write_id, op, urgency).await? {
+            (header, SubReply::Set { stat }) => Ok(pb::SetResponse {
+                header: Some(header),
+                stat: Some(convert::stat(&stat)),
+            }),
+            _ => Err(EdgeError::WriteIdReused),
+        }
+    }
+
+    async fn delete_one(
+        &self,
+        urgency: Urgency,
+        r: pb::DeleteRequest,
+    ) -> Result<pb::DeleteResponse, EdgeError> {
+        let op = SubOp::Delete {
+            path: r.path,
+            expected_version: r.expected_version,
+        };
+        let (header, _) = self.write_single(r.write_id, op, urgency).await?;
+        Ok(pb::DeleteResponse {
+            header: Some(header),
+        })
+    }
+
+    /// One item of a `Batch` call: the result its request would have had alone.
+    async fn batch_item(
+        &self,
+        urgency: Urgency,
+        index: usize,
+        item: pb::BatchItem,
+    ) -> pb::BatchResult {
+        use pb::batch_item::Request as Item;
+        use pb::batch_result::Result as Out;
+        let (op, result) = match item.request {
+            Some(Item::Create(r)) => ("create", self.create_one(urgency, r).await.map(Out::Create)),
+            Some(Item::Set(r)) => ("set", self.set_one(urgency, r).await.map(Out::Set)),
+            Some(Item::Delete(r)) => ("delete", self.delete_one(urgency, r).await.map(Out::Delete)),
+            None => (
+                "batch",
+                Err(EdgeError::InvalidArgument(format!(
+                    "items[{index}].request is not set (one of create, set, delete)"
+                ))),
+            ),
+        };
+        let result = match self.finish(op, result) {
+            Ok(out) => out.into_inner(),
+            Err(status) => Out::Error(pb::BatchError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            }),
+        };
+        pb::BatchResult {
+            result: Some(result),
         }
     }
 
@@ -164,26 +257,7 @@ impl Kv for KvService {
         &self,
         req: Request<pb::CreateRequest>,
     ) -> Result<Response<pb::CreateResponse>, Status> {
-        let r = req.into_inner();
-        let mode = convert::create_mode(&r.path, r.lease_id, r.container, r.ttl_ms, r.sequential);
-        let result = async {
-            let op = SubOp::Create {
-                mode: mode.map_err(EdgeError::InvalidArgument)?,
-                path: r.path,
-                data: r.data,
-                sequential: r.sequential,
-            };
-            self.write_single(r.write_id, op).await
-        }
-        .await
-        .and_then(|(header, reply)| match reply {
-            SubReply::Created { path, stat } => Ok(pb::CreateResponse {
-                header: Some(header),
-                path,
-                stat: Some(convert::stat(&stat)),
-            }),
-            _ => Err(EdgeError::WriteIdReused),
-        });
+        let result = self.create_one(Urgency::Now, req.into_inner()).await;
         self.finish("create", result)
     }
 
@@ -204,22 +278,7 @@ impl Kv for KvService {
 
     #[tracing::instrument(level = "debug", skip_all, fields(member = self.id, path = %req.get_ref().path))]
     async fn set(&self, req: Request<pb::SetRequest>) -> Result<Response<pb::SetResponse>, Status> {
-        let r = req.into_inner();
-        let op = SubOp::Set {
-            path: r.path,
-            data: r.data,
-            expected_version: r.expected_version,
-        };
-        let result =
-            self.write_single(r.write_id, op)
-                .await
-                .and_then(|(header, reply)| match reply {
-                    SubReply::Set { stat } => Ok(pb::SetResponse {
-                        header: Some(header),
-                        stat: Some(convert::stat(&stat)),
-                    }),
-                    _ => Err(EdgeError::WriteIdReused),
-                });
+        let result = self.set_one(Urgency::Now, req.into_inner()).await;
         self.finish("set", result)
     }
 
@@ -228,18 +287,39 @@ impl Kv for KvService {
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let r = req.into_inner();
-        let op = SubOp::Delete {
-            path: r.path,
-            expected_version: r.expected_version,
-        };
-        let result =
-            self.write_single(r.write_id, op)
-                .await
-                .map(|(header, _)| pb::DeleteResponse {
-                    header: Some(header),
-                });
+        let result = self.delete_one(Urgency::Now, req.into_inner()).await;
         self.finish("delete", result)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(member = self.id, items = req.get_ref().items.len()))]
+    async fn batch(
+        &self,
+        req: Request<pb::BatchRequest>,
+    ) -> Result<Response<pb::BatchResponse>, Status> {
+        let items = req.into_inner().items;
+        if items.len() > MAX_BATCH_ITEMS {
+            let e = EdgeError::InvalidArgument(format!(
+                "items: {} items, at most {MAX_BATCH_ITEMS} in one batch",
+                items.len()
+            ));
+            return self.finish("batch", Err(e));
+        }
+        // Concurrently, so that the items' commands reach the batcher together and share an
+        // entry (none takes the idle leader's direct path alone); each is counted in the
+        // metrics under its own operation.
+        let urgency = if items.len() > 1 {
+            Urgency::Together
+        } else {
+            Urgency::Now
+        };
+        let results = futures::future::join_all(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| self.batch_item(urgency, i, item)),
+        )
+        .await;
+        self.finish("batch", Ok(pb::BatchResponse { results }))
     }
 
     async fn exists(
@@ -303,7 +383,7 @@ impl Kv for KvService {
                         .map_err(|e| EdgeError::InvalidArgument(format!("txn op {i}: {e}")))?,
                 );
             }
-            let (revision, reply) = self.write(r.write_id, Op::Txn(ops)).await?;
+            let (revision, reply) = self.write(r.write_id, Op::Txn(ops), Urgency::Now).await?;
             let header = self.header(revision);
             let results = match reply {
                 Reply::Txn(replies) => replies

@@ -59,6 +59,9 @@ impl ProposeError {
 pub enum Urgency {
     /// Its caller waits on it: it goes to Raft as soon as an entry can take it.
     Now,
+    /// Like `Now`, but it came with others that should share its entry (the items of a `Batch`
+    /// call): it never goes to Raft alone by the idle leader's direct path.
+    Together,
     /// Its caller will wait longer anyway (a lock claim queued behind a holder, which waits for
     /// that holder's release): it rides in the next entry a command of the other kind starts —
     /// typically that very release — or goes alone after a millisecond or two.
