@@ -113,6 +113,8 @@ pub struct CompareOptions {
     /// Runs of the whole matrix per cluster size, the targets' order rotated each round;
     /// the table shows each cell's median (see [`markdown`]).
     pub rounds: u32,
+    /// Kord's client batches concurrent writes (see [`RunConfig::kord_batch_writes`]).
+    pub kord_batch_writes: bool,
     /// Install missing peers with apt-get (only as root).
     pub install: bool,
     /// Also write the JSON lines here.
@@ -259,6 +261,7 @@ async fn compare_inner(opts: &CompareOptions, rows: &[Row]) -> anyhow::Result<Ve
                 cfg.keys = opts.keys;
                 cfg.server_pids = pids;
                 cfg.setup = setup.clone();
+                cfg.kord_batch_writes = opts.kord_batch_writes;
                 cfg
             };
             let mut emit = |mut r: Report| -> anyhow::Result<()> {

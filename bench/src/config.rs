@@ -142,6 +142,9 @@ pub struct RunConfig {
     /// Upper bound on the operations of one client in one run (loops are bounded in count
     /// as well as time).
     pub max_ops_per_client: u64,
+    /// Kord only: the client sends writes made at the same moment on a connection in one
+    /// `Batch` call (kord-client's default). Off, each write is a call of its own.
+    pub kord_batch_writes: bool,
 }
 
 impl RunConfig {
@@ -163,6 +166,7 @@ impl RunConfig {
             setup: String::new(),
             op_timeout: Duration::from_secs(10),
             max_ops_per_client: 10_000_000,
+            kord_batch_writes: true,
         }
     }
 

@@ -21,6 +21,7 @@ async fn connect(cfg: &RunConfig) -> anyhow::Result<Vec<Client>> {
         out.push(
             Client::builder(cfg.endpoints.clone())
                 .request_timeout(cfg.op_timeout)
+                .batch_writes(cfg.kord_batch_writes)
                 .connect()
                 .await?,
         );

@@ -80,6 +80,9 @@ struct RunArgs {
     setup: String,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     op_timeout: Duration,
+    /// Kord: send every write in a call of its own, not batched with concurrent ones.
+    #[arg(long)]
+    kord_unbatched: bool,
     /// Print the report as a JSON line.
     #[arg(long)]
     json: bool,
@@ -134,6 +137,9 @@ struct CompareArgs {
     /// single round can be off by a third.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
+    /// Kord: send every write in a call of its own, not batched with concurrent ones.
+    #[arg(long)]
+    kord_unbatched: bool,
 }
 
 fn default_kord_bin() -> PathBuf {
@@ -159,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.server_pids = a.server_pids;
             cfg.setup = a.setup;
             cfg.op_timeout = a.op_timeout;
+            cfg.kord_batch_writes = !a.kord_unbatched;
             let report = kord_bench::run(&cfg).await?;
             if a.json {
                 println!("{}", report.to_json_line());
@@ -201,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
                 watchers: a.watchers.unwrap_or(if a.quick { 100 } else { 1000 }),
                 kord_bin: a.kord_bin.unwrap_or_else(default_kord_bin),
                 rounds: a.rounds,
+                kord_batch_writes: !a.kord_unbatched,
                 install: !a.no_install,
                 json_out: a.json_out,
                 work_dir: a.work_dir,

@@ -75,6 +75,13 @@ async fn kord_smoke_run() {
         assert!(json["ops_per_sec"].as_f64().unwrap() > 0.0);
         reports.push(report);
     }
+    // Writes each in a call of their own, as `--kord-unbatched` runs them.
+    let mut unbatched = config(&cluster, Workload::Write);
+    unbatched.kord_batch_writes = false;
+    let report = kord_bench::run(&unbatched).await.expect("unbatched run");
+    assert_eq!(report.status, "ok", "{}", report.summary());
+    assert_eq!(report.errors, Some(0), "{}", report.summary());
+    assert!(report.ops.unwrap() > 0, "no ops: {}", report.summary());
 
     // What Kord cannot do yet is "n/a", never zero, and needs no server round trip.
     let na = kord_bench::Report::not_available(&config(&cluster, Workload::Watch), "not here");
@@ -124,6 +131,7 @@ async fn compare_in_rounds_starts_every_round_afresh() {
         watchers: 1,
         kord_bin: kord_bin(),
         rounds: 2,
+        kord_batch_writes: true,
         install: false,
         json_out: None,
         work_dir: Some(dir.path().to_owned()),
