@@ -32,6 +32,14 @@ fn item(request: batch_item::Request) -> BatchItem {
     }
 }
 
+/// A batch of `n` creates of the paths `path(0..n)`.
+fn creates(n: usize, path: impl Fn(usize) -> String) -> BatchRequest {
+    let items = (0..n)
+        .map(|i| item(batch_item::Request::Create(create_req(&path(i), b"v"))))
+        .collect();
+    BatchRequest { items }
+}
+
 /// The code a request fails with when sent alone.
 async fn alone_code(kv: &mut Kv, request: batch_item::Request) -> Code {
     let result = match request {
@@ -129,16 +137,8 @@ async fn a_batch_on_an_idle_member_takes_one_log_entry() {
     let mut kv = c.kv(1);
     kv.create(create_req("/e", b"")).await.expect("create /e");
     let before = c.metric(1, "kord_commit_index").await;
-    let items = (0..8)
-        .map(|i| {
-            item(batch_item::Request::Create(create_req(
-                &format!("/e/{i}"),
-                b"v",
-            )))
-        })
-        .collect();
     let results = kv
-        .batch(BatchRequest { items })
+        .batch(creates(8, |i| format!("/e/{i}")))
         .await
         .expect("batch")
         .into_inner()
@@ -157,16 +157,8 @@ async fn a_batch_on_an_idle_member_takes_one_log_entry() {
 async fn too_many_items_are_refused_whole_naming_the_field_and_limit() {
     let c = Cluster::start(1, ClusterOpts::default()).await;
     let mut kv = c.kv(1);
-    let items = (0..1025)
-        .map(|i| {
-            item(batch_item::Request::Create(create_req(
-                &format!("/t{i}"),
-                b"",
-            )))
-        })
-        .collect();
     let err = kv
-        .batch(BatchRequest { items })
+        .batch(creates(1025, |i| format!("/t{i}")))
         .await
         .expect_err("1025 items");
     assert_eq!(err.code(), Code::InvalidArgument);

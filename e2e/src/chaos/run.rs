@@ -211,6 +211,7 @@ pub async fn run(opts: ChaosOpts) -> Report {
         locals.push(connect(vec![e.clone()]).await);
     }
     let mut workers = Vec::new();
+    let mut shared: Option<Client> = None;
     for w in 0..opts.workers {
         let cfg = WorkerConfig {
             worker: w,
@@ -219,7 +220,16 @@ pub async fn run(opts: ChaosOpts) -> Report {
             duration: opts.duration,
             max_ops: 1_000_000,
         };
-        let client = connect(endpoints.clone()).await;
+        // Workers share a client in pairs, so that writes they make at the same moment travel
+        // in one `Kv.Batch` call, faults and all.
+        let client = match shared.take() {
+            Some(client) => client,
+            None => {
+                let client = connect(endpoints.clone()).await;
+                shared = Some(client.clone());
+                client
+            }
+        };
         workers.push(tokio::spawn(workload::run_worker(
             cfg,
             client,
