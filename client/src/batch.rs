@@ -211,41 +211,30 @@ impl CallBatcher {
             return R::send_alone(ch, req).await;
         }
         let (metadata, extensions, own) = req.into_parts();
-        let mut items = Vec::with_capacity(joined.len() + 1);
-        items.push(BatchItem {
-            request: Some(own.into_item()),
-        });
-        let mut replies = Vec::with_capacity(joined.len());
-        for j in joined {
-            items.push(BatchItem {
-                request: Some(j.item),
-            });
-            replies.push(j.reply);
-        }
+        let (items, replies): (Vec<Item>, Vec<_>) =
+            joined.into_iter().map(|j| (j.item, j.reply)).unzip();
+        let items = std::iter::once(own.into_item()).chain(items);
         // The batch carries the leading request's metadata (its deadline).
-        let batch = Request::from_parts(metadata, extensions, BatchRequest { items });
-        let results = match KvClient::new(ch).batch(batch).await {
-            Ok(resp) => resp.into_inner().results,
+        let batch = Request::from_parts(
+            metadata,
+            extensions,
+            BatchRequest {
+                items: items
+                    .map(|request| BatchItem {
+                        request: Some(request),
+                    })
+                    .collect(),
+            },
+        );
+        let mut results = match self.send(ch, batch).await {
+            Ok(results) => results,
             Err(status) => {
-                if status.code() == Code::Unimplemented {
-                    self.unsupported.store(true, Ordering::Relaxed);
-                    let retry = Status::unavailable("the server takes no batches; sent alone next");
-                    replies.into_iter().for_each(|r| {
-                        let _ = r.send(Err(retry.clone()));
-                    });
-                    return Err(retry);
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
                 }
-                replies.into_iter().for_each(|r| {
-                    let _ = r.send(Err(status.clone()));
-                });
                 return Err(status);
             }
         };
-        let mut results = results.into_iter().map(|r| match r.result {
-            Some(Out::Error(e)) => Err(Status::new(Code::from_i32(e.code), e.message)),
-            Some(out) => Ok(out),
-            None => Err(Status::internal("a batch result was empty")),
-        });
         let missing = || {
             Err(Status::internal(
                 "the batch reply has fewer results than items",
@@ -256,6 +245,30 @@ impl CallBatcher {
             let _ = reply.send(results.next().unwrap_or_else(missing));
         }
         typed::<R>(own?).map(Response::new)
+    }
+
+    /// Sends a batch and returns its items' results in order. A server without `Batch` is
+    /// remembered, and the batch's writes fail their attempt once, to be sent alone.
+    async fn send(
+        &self,
+        ch: Channel,
+        batch: Request<BatchRequest>,
+    ) -> Result<impl Iterator<Item = Result<Out, Status>>, Status> {
+        let results = match KvClient::new(ch).batch(batch).await {
+            Ok(resp) => resp.into_inner().results,
+            Err(status) if status.code() == Code::Unimplemented => {
+                self.unsupported.store(true, Ordering::Relaxed);
+                return Err(Status::unavailable(
+                    "the server takes no batches; sent alone next",
+                ));
+            }
+            Err(status) => return Err(status),
+        };
+        Ok(results.into_iter().map(|r| match r.result {
+            Some(Out::Error(e)) => Err(Status::new(Code::from_i32(e.code), e.message)),
+            Some(out) => Ok(out),
+            None => Err(Status::internal("a batch result was empty")),
+        }))
     }
 }
 

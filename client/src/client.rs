@@ -619,13 +619,8 @@ impl Client {
         F: FnMut(Channel, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let pending = self.inner.writes.begin();
-        self.call(Kind::Write, |ch| {
-            let mut req = req.clone();
-            req.set_write_id(pending.write_id());
-            send(ch, self.inner.request(req))
-        })
-        .await
+        self.write_on(req, |endpoint, r| send(endpoint.channel.clone(), r))
+            .await
     }
 
     /// A create, set or delete, in a batch with the writes other callers make at the same
@@ -634,11 +629,7 @@ impl Client {
         &self,
         req: Req,
     ) -> Result<Req::Response, Error> {
-        let pending = self.inner.writes.begin();
-        self.call_on(Kind::Write, |endpoint| {
-            let mut req = req.clone();
-            req.set_write_id(pending.write_id());
-            let request = self.inner.request(req);
+        self.write_on(req, |endpoint, request| {
             let channel = endpoint.channel.clone();
             let batcher = self.inner.batch_writes.then(|| endpoint.batcher.clone());
             async move {
@@ -647,6 +638,22 @@ impl Client {
                     None => Req::send_alone(channel, request).await,
                 }
             }
+        })
+        .await
+    }
+
+    /// [`Client::write`] with the whole endpoint (its connection and batcher) for each attempt.
+    async fn write_on<Req, T, F, Fut>(&self, req: Req, mut send: F) -> Result<T, Error>
+    where
+        Req: WriteRequest,
+        F: FnMut(&EndpointConn, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let pending = self.inner.writes.begin();
+        self.call_on(Kind::Write, |endpoint| {
+            let mut req = req.clone();
+            req.set_write_id(pending.write_id());
+            send(endpoint, self.inner.request(req))
         })
         .await
     }

@@ -189,7 +189,7 @@ impl Batcher {
 
     /// Proposes `cmd` in the next batch and waits for its apply result.
     pub(super) async fn propose(&self, cmd: Command, urgency: Urgency) -> ForwardReply {
-        if urgency == Urgency::Now {
+        if urgency.may_go_alone() {
             if let Some(permit) = self.shared.gate.direct_slot() {
                 let entry = self
                     .shared
@@ -303,7 +303,7 @@ impl Forming {
 
     fn push(&mut self, p: Pending) {
         self.bytes += p.cmd.approx_size();
-        if p.urgency != Urgency::Deferrable && self.first_urgent.is_none() {
+        if p.urgency.awaited() && self.first_urgent.is_none() {
             self.first_urgent = Some(self.batch.len());
         }
         self.batch.push(p);

@@ -68,6 +68,19 @@ pub enum Urgency {
     Deferrable,
 }
 
+impl Urgency {
+    /// Whether the command's caller waits on its result now: such a command ends a deferrable
+    /// one's wait, and its caller may finish the entry for the others.
+    pub fn awaited(self) -> bool {
+        self != Urgency::Deferrable
+    }
+
+    /// Whether the command may go to Raft by the idle leader's direct path, alone.
+    pub fn may_go_alone(self) -> bool {
+        self == Urgency::Now
+    }
+}
+
 /// What the leader returns for a forwarded write.
 pub type ForwardReply = Result<ApplyOutput, ProposeError>;
 
