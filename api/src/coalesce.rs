@@ -14,7 +14,14 @@
 //!
 //! The cost: a thread that blocks (the Raft core syncs the log in its task) keeps its deferred
 //! wake-ups until it returns, as it keeps the task in its LIFO slot, so a write put off there
-//! waits for that sync too (about 0.1-0.2 ms).
+//! waits for that sync too (about 0.1-0.2 ms). And a lone call pays a pass of the scheduler
+//! for nothing on each side: on a lightly loaded member that was about 8 % of a write's
+//! latency (BENCHMARKS.md, "Socket writes put off only where it pays").
+//!
+//! So the deferral follows what it gains. A burst coalesced if more bytes were waiting when
+//! it was released than at its first write. After [`MISSES_TO_STOP`] bursts in a row gained
+//! nothing, bursts are written at once, except every [`PROBE_EVERY`]th, which is put off
+//! again to see whether calls come together now; one that gains turns the deferral back on.
 
 use std::future::Future;
 use std::io;
@@ -25,11 +32,20 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Bursts in a row that gained nothing from being put off before bursts are written at once.
+pub const MISSES_TO_STOP: u32 = 4;
+/// While bursts are written at once, one in this many is put off as a probe.
+pub const PROBE_EVERY: u32 = 16;
+
 /// `io` with its writes deferred as described in the module docs.
 #[derive(Debug)]
 pub struct CoalescedWrites<T> {
     io: T,
     state: Burst,
+    /// Put-off bursts in a row that gained nothing, up to [`MISSES_TO_STOP`].
+    misses: u32,
+    /// Bursts written at once since the last probe.
+    since_probe: u32,
 }
 
 #[derive(Debug)]
@@ -39,8 +55,8 @@ enum Burst {
     /// The first write was put off; writes wait until this is set by the deferred wake-up
     /// (wake-ups from elsewhere, such as another call queueing frames, do not end the wait).
     /// It wakes the task that tried that first write: the connection's own task, the only
-    /// one that polls the socket.
-    PutOff(Arc<Release>),
+    /// one that polls the socket. `first` is how many bytes the first write offered.
+    PutOff { release: Arc<Release>, first: usize },
     /// Put off once already: write, until the next flush.
     Writing,
 }
@@ -68,6 +84,8 @@ impl<T> CoalescedWrites<T> {
         CoalescedWrites {
             io,
             state: Burst::Idle,
+            misses: 0,
+            since_probe: 0,
         }
     }
 
@@ -75,10 +93,14 @@ impl<T> CoalescedWrites<T> {
         &self.io
     }
 
-    /// Whether to put this write off: true from a burst's first write until the runtime thread
-    /// has run what was ready then.
-    fn put_off(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Whether to put off a write of `len` bytes: true from a burst's first write until the
+    /// runtime thread has run what was ready then, unless recent bursts gained nothing by it.
+    fn put_off(&mut self, cx: &mut Context<'_>, len: usize) -> bool {
         if let Burst::Idle = self.state {
+            if !self.worth_putting_off() {
+                self.state = Burst::Writing;
+                return false;
+            }
             let release = Arc::new(Release {
                 released: AtomicBool::new(false),
                 task: cx.waker().clone(),
@@ -88,16 +110,39 @@ impl<T> CoalescedWrites<T> {
             // runtime it wakes at once, which releases the burst at once.)
             let _ = pin!(tokio::task::yield_now())
                 .poll(&mut Context::from_waker(&Waker::from(release.clone())));
-            self.state = Burst::PutOff(release);
+            self.state = Burst::PutOff {
+                release,
+                first: len,
+            };
         }
         match &self.state {
-            Burst::PutOff(release) if !release.released.load(Ordering::Acquire) => true,
-            Burst::PutOff(_) => {
+            Burst::PutOff { release, .. } if !release.released.load(Ordering::Acquire) => true,
+            &Burst::PutOff { first, .. } => {
+                // More waiting than at the first write: other calls' frames joined the burst.
+                if len > first {
+                    self.misses = 0;
+                } else {
+                    self.misses = (self.misses + 1).min(MISSES_TO_STOP);
+                }
                 self.state = Burst::Writing;
                 false
             }
             Burst::Idle | Burst::Writing => false,
         }
+    }
+
+    /// Whether a new burst should be put off: yes while putting off pays (or has not been
+    /// shown not to), and as a probe once every [`PROBE_EVERY`] bursts when it does not.
+    fn worth_putting_off(&mut self) -> bool {
+        if self.misses < MISSES_TO_STOP {
+            return true;
+        }
+        self.since_probe += 1;
+        if self.since_probe >= PROBE_EVERY {
+            self.since_probe = 0;
+            return true;
+        }
+        false
     }
 }
 
@@ -118,7 +163,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.put_off(cx) {
+        if this.put_off(cx, buf.len()) {
             return Poll::Pending;
         }
         Pin::new(&mut this.io).poll_write(cx, buf)
@@ -157,6 +202,7 @@ impl tonic::transport::server::Connected for CoalescedWrites<tokio::net::TcpStre
 #[cfg(test)]
 mod tests {
 
+    use futures::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
@@ -211,6 +257,63 @@ mod tests {
             "only the deferred wake-up ends the wait"
         );
         assert_eq!(first.await.unwrap(), 1, "and then written");
+    }
+
+    /// One burst: writes `first` as its first write and, if that is put off, `then` once it
+    /// is released (h2 offers its whole buffer again, grown by whatever joined), then
+    /// flushes. Returns whether the first write was put off.
+    async fn burst(io: &mut CoalescedWrites<CountingSink>, first: &[u8], then: &[u8]) -> bool {
+        let mut polls = 0;
+        poll_fn(|cx| {
+            polls += 1;
+            let buf = if polls == 1 { first } else { then };
+            Pin::new(&mut *io).poll_write(cx, buf)
+        })
+        .await
+        .unwrap();
+        io.flush().await.unwrap();
+        polls > 1
+    }
+
+    #[tokio::test]
+    async fn bursts_that_gain_nothing_stop_being_put_off_and_a_probe_looks_again() {
+        let mut io = CoalescedWrites::new(CountingSink::default());
+        for _ in 0..MISSES_TO_STOP {
+            assert!(burst(&mut io, b"x", b"x").await, "put off while it may pay");
+        }
+        for _ in 1..PROBE_EVERY {
+            assert!(
+                !burst(&mut io, b"x", b"x").await,
+                "once it stopped paying, a burst goes at once"
+            );
+        }
+        // The probe; other frames join it before its release, so it gains.
+        assert!(
+            burst(&mut io, b"p", b"pq").await,
+            "every PROBE_EVERY-th burst is put off"
+        );
+        assert!(
+            burst(&mut io, b"x", b"x").await,
+            "a probe that gained turns the deferral back on"
+        );
+        let written = MISSES_TO_STOP + (PROBE_EVERY - 1) + 2 + 1;
+        assert_eq!(io.get_ref().bytes.len(), written as usize);
+    }
+
+    #[tokio::test]
+    async fn a_burst_that_gains_resets_the_count_of_those_that_did_not() {
+        let mut io = CoalescedWrites::new(CountingSink::default());
+        for _ in 0..MISSES_TO_STOP - 1 {
+            assert!(burst(&mut io, b"x", b"x").await);
+        }
+        assert!(burst(&mut io, b"a", b"ab").await);
+        for _ in 0..MISSES_TO_STOP {
+            assert!(
+                burst(&mut io, b"x", b"x").await,
+                "it takes MISSES_TO_STOP lone bursts in a row again"
+            );
+        }
+        assert!(!burst(&mut io, b"x", b"x").await);
     }
 
     #[tokio::test]
