@@ -14,9 +14,10 @@
 //!
 //! The cost: a thread that blocks (the Raft core syncs the log in its task) keeps its deferred
 //! wake-ups until it returns, as it keeps the task in its LIFO slot, so a write put off there
-//! waits for that sync too (about 0.1-0.2 ms). And a lone call pays a pass of the scheduler
-//! for nothing on each side: on a lightly loaded member that was about 8 % of a write's
-//! latency (BENCHMARKS.md, "Socket writes put off only where it pays").
+//! waits for that sync too (about 0.1-0.2 ms). And a lone call pays for nothing on each
+//! side: a zero-timeout `epoll_wait` and a second poll of the connection, about a third of
+//! the client's CPU for a lone write (BENCHMARKS.md, "Socket writes put off only where it
+//! pays").
 //!
 //! So the deferral follows what it gains. A burst coalesced if more bytes were waiting when
 //! it was released than at its first write. After [`MISSES_TO_STOP`] bursts in a row gained
