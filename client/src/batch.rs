@@ -211,21 +211,20 @@ impl CallBatcher {
             return R::send_alone(ch, req).await;
         }
         let (metadata, extensions, own) = req.into_parts();
-        let (items, replies): (Vec<Item>, Vec<_>) =
-            joined.into_iter().map(|j| (j.item, j.reply)).unzip();
-        let items = std::iter::once(own.into_item()).chain(items);
+        // One pass: the leader's item first, then the joiners' in order, as results come back.
+        let mut items = Vec::with_capacity(joined.len() + 1);
+        items.push(BatchItem {
+            request: Some(own.into_item()),
+        });
+        let mut replies = Vec::with_capacity(joined.len());
+        for j in joined {
+            items.push(BatchItem {
+                request: Some(j.item),
+            });
+            replies.push(j.reply);
+        }
         // The batch carries the leading request's metadata (its deadline).
-        let batch = Request::from_parts(
-            metadata,
-            extensions,
-            BatchRequest {
-                items: items
-                    .map(|request| BatchItem {
-                        request: Some(request),
-                    })
-                    .collect(),
-            },
-        );
+        let batch = Request::from_parts(metadata, extensions, BatchRequest { items });
         let mut results = match self.send(ch, batch).await {
             Ok(results) => results,
             Err(status) => {
