@@ -61,8 +61,8 @@ pub async fn run(
         metrics.clone(),
     )?;
     let committed = log_store.committed_index();
-    let event_log = EventLog::new(db.clone());
-    let sm = StateMachineStore::open(db, &config.data_dir, metrics.clone())?;
+    let sm = StateMachineStore::open(db.clone(), &config.data_dir, metrics.clone())?;
+    let event_log = EventLog::new(db, sm.written());
     let state = sm.shared();
     let hub = sm.hub();
 

@@ -7,12 +7,15 @@ use std::sync::Arc;
 use rocksdb::{Direction, IteratorMode, DB};
 
 use super::codec::{self, u64_key};
+use super::table_writer::Written;
 use super::{cf, cf_handle, StoreError};
 use crate::state::Event;
 
 #[derive(Clone)]
 pub struct EventLog {
     db: Arc<DB>,
+    /// The state machine's batches reach the tables after their revision is published.
+    written: Written,
 }
 
 /// A range of history, read from one consistent RocksDB snapshot.
@@ -23,12 +26,14 @@ pub struct HistoryChunk {
 }
 
 impl EventLog {
-    pub fn new(db: Arc<DB>) -> Self {
-        EventLog { db }
+    pub fn new(db: Arc<DB>, written: Written) -> Self {
+        EventLog { db, written }
     }
 
-    /// Revisions with events in `from..=to`, at most `limit` of them.
-    pub fn read(&self, from: u64, to: u64, limit: usize) -> Result<HistoryChunk, StoreError> {
+    /// Revisions with events in `from..=to`, at most `limit` of them, once the tables hold
+    /// `to`.
+    pub async fn read(&self, from: u64, to: u64, limit: usize) -> Result<HistoryChunk, StoreError> {
+        self.written.through(to).await?;
         let snap = self.db.snapshot();
         let meta_cf = cf_handle(&self.db, cf::SM_META)?;
         let compacted = match snap.get_cf(meta_cf, codec::COMPACTED)? {

@@ -11,6 +11,7 @@ pub mod log_file;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;
+pub mod table_writer;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub enum StoreError {
     },
     #[error("starting a storage thread: {0}")]
     Thread(String),
+    #[error("writing the state machine's tables: {0}")]
+    TableWrite(String),
     #[error(transparent)]
     LogFile(#[from] log_file::LogFileError),
     #[error("snapshot file {path}: {source}")]

@@ -20,6 +20,7 @@ use serde_bytes::ByteBuf;
 
 use super::codec::{self, u64_key};
 use super::snapshot::{RawPairs, SnapshotData, SnapshotFile, StoredSnapshot};
+use super::table_writer::{TableWriter, Written};
 use super::{cf, cf_handle, to_storage_error, StoreError};
 use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -67,6 +68,8 @@ pub struct StateMachineStore {
     metrics: Arc<Metrics>,
     snapshot_builds: Arc<AtomicU64>,
     hub: WatchHub,
+    /// Writes each apply's batch to the tables, off the apply (`table_writer`).
+    tables: Arc<TableWriter>,
 }
 
 fn sm_err(verb: ErrorVerb) -> impl FnOnce(StoreError) -> StorageError {
@@ -88,7 +91,15 @@ impl StateMachineStore {
             "loaded the state machine"
         );
         let hub = WatchHub::new(applied.revision);
+        let tables = {
+            let db = db.clone();
+            let mut opts = WriteOptions::default();
+            opts.disable_wal(true);
+            let write = move |batch| db.write_opt(batch, &opts).map_err(|e| e.to_string());
+            Arc::new(TableWriter::start(write, applied.revision)?)
+        };
         Ok(StateMachineStore {
+            tables,
             db,
             shared: SharedState(Arc::new(RwLock::new(applied))),
             snapshot_file: Arc::new(SnapshotFile::new(data_dir)),
@@ -105,6 +116,11 @@ impl StateMachineStore {
     /// Where watchers subscribe to applied events.
     pub fn hub(&self) -> WatchHub {
         self.hub.clone()
+    }
+
+    /// How far the tables are written: readers of the event history wait on it.
+    pub fn written(&self) -> Written {
+        self.tables.written()
     }
 
     fn apply_batch(&self, entries: Vec<Entry>) -> Result<Vec<Vec<ApplyOutput>>, StoreError> {
@@ -195,11 +211,10 @@ impl StateMachineStore {
         // openraft apply them again from there. A purged segment is deleted only after a flush
         // made this batch durable (`log_store`). The WAL would cost a write per batch and, on
         // the same disk, lengthen every log fsync (BENCHMARKS.md, "The state machine without
-        // RocksDB's WAL").
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        self.db.write_opt(batch, &opts)?;
+        // RocksDB's WAL"). For the same reason the batch is written on the table writer's
+        // thread: when it lands does not matter, only that it lands whole and in order.
         let revision = applied.revision;
+        self.tables.write(batch, revision)?;
         drop(guard);
         self.hub.publish(published, revision);
         Ok(outputs)
@@ -207,6 +222,8 @@ impl StateMachineStore {
 
     fn install(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StoreError> {
         let data: SnapshotData = codec::decode("snapshot", &bytes)?;
+        // Batches still queued belong to the state this replaces: they land first.
+        self.tables.drain()?;
         let mut batch = WriteBatch::default();
         for name in [cf::NODES, cf::CLIENTS, cf::LEASES, cf::EVENTS, cf::SM_META] {
             batch.delete_range_cf(
@@ -254,6 +271,7 @@ impl StateMachineStore {
             compacted_revision: compacted,
             revision: data.revision,
         };
+        self.tables.reset(data.revision);
         self.hub.reset(compacted);
         self.snapshot_file.save(&StoredSnapshot {
             meta: meta.clone(),
@@ -337,6 +355,7 @@ fn load_applied(db: &DB) -> Result<AppliedState, StoreError> {
 #[derive(Clone)]
 pub struct SnapshotBuilder {
     db: Arc<DB>,
+    tables: Arc<TableWriter>,
     snapshot_file: Arc<SnapshotFile>,
     metrics: Arc<Metrics>,
     builds: Arc<AtomicU64>,
@@ -344,6 +363,8 @@ pub struct SnapshotBuilder {
 
 impl SnapshotBuilder {
     fn build(&self) -> Result<StoredSnapshot, StoreError> {
+        // Everything applied so far, not only what the table writer got to.
+        self.tables.drain()?;
         let snap = self.db.snapshot();
         let meta_cf = cf_handle(&self.db, cf::SM_META)?;
         let get = |k: &[u8]| snap.get_cf(meta_cf, k);
@@ -418,6 +439,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             db: self.db.clone(),
+            tables: self.tables.clone(),
             snapshot_file: self.snapshot_file.clone(),
             metrics: self.metrics.clone(),
             builds: self.snapshot_builds.clone(),

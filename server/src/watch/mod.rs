@@ -214,7 +214,7 @@ async fn read_history<O: Outbox>(
         if *next > upto {
             return Ended::CaughtUp { next: *next };
         }
-        let chunk = match ctx.log.read(*next, upto, CATCH_UP_CHUNK) {
+        let chunk = match ctx.log.read(*next, upto, CATCH_UP_CHUNK).await {
             Ok(c) => c,
             Err(e) => {
                 cancel(

@@ -413,7 +413,10 @@ mod tests {
         let db = open_db(dir.path()).expect("db");
         let ctx = Arc::new(WatchContext {
             hub: WatchHub::new(0),
-            log: crate::storage::events::EventLog::new(db.clone()),
+            log: crate::storage::events::EventLog::new(
+                db.clone(),
+                crate::storage::table_writer::Written::always(),
+            ),
             progress_interval: std::time::Duration::from_secs(3600),
             running: prometheus_client::metrics::gauge::Gauge::default(),
         });

@@ -1,0 +1,240 @@
+//! The state machine's write batches, written to RocksDB on a thread of their own, in apply
+//! order.
+//!
+//! The batches skip RocksDB's WAL: the Raft log makes an applied entry durable, and a batch that
+//! a crash loses is applied again from the log (`state_machine`). So when a batch reaches the
+//! memtable does not matter for durability; only that batches land whole and in order. Written
+//! here, RocksDB's write path is off the apply, which lies between the log's fsync and the
+//! client's reply (BENCHMARKS.md, "The state machine's tables written off the reply's path").
+//!
+//! Readers of what the batches write wait for them: the watch history up to a revision
+//! ([`Written::through`]); a snapshot build or install lets the queue drain first
+//! ([`TableWriter::drain`]).
+//!
+//! A failed write stops the writer. It drops every later batch, and the next `write` or `drain`
+//! returns the error, which stops openraft (a storage error). The tables then hold a whole
+//! prefix of the applied entries, and the rest is applied again from the log on restart.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rocksdb::WriteBatch;
+use tokio::sync::watch;
+
+use super::StoreError;
+
+/// Batches waiting to be written, at most: an apply that finds the queue full waits.
+const QUEUE: usize = 256;
+
+enum Job {
+    /// A batch and the revision the tables reach with it.
+    Write(WriteBatch, u64),
+    /// Answered once every job before it is done.
+    Drain(SyncSender<()>),
+}
+
+/// The first failed write's error, kept for every later caller.
+type Failure = Arc<Mutex<Option<String>>>;
+
+pub struct TableWriter {
+    jobs: SyncSender<Job>,
+    failure: Failure,
+    /// The revision the tables hold; None once a write failed.
+    written: Arc<watch::Sender<Option<u64>>>,
+}
+
+impl TableWriter {
+    /// Starts the writer thread; the tables already hold revision `written`.
+    pub fn start<W>(write: W, written: u64) -> Result<Self, StoreError>
+    where
+        W: FnMut(WriteBatch) -> Result<(), String> + Send + 'static,
+    {
+        let (jobs, queue) = sync_channel(QUEUE);
+        let failure = Failure::default();
+        let written = Arc::new(watch::Sender::new(Some(written)));
+        {
+            let (failure, written) = (failure.clone(), written.clone());
+            std::thread::Builder::new()
+                .name("kord-table-writer".into())
+                .spawn(move || run(queue, write, &failure, &written))
+                .map_err(|e| StoreError::Thread(e.to_string()))?;
+        }
+        Ok(TableWriter {
+            jobs,
+            failure,
+            written,
+        })
+    }
+
+    /// Queues `batch`, which takes the tables to `revision`.
+    pub fn write(&self, batch: WriteBatch, revision: u64) -> Result<(), StoreError> {
+        self.check()?;
+        self.jobs
+            .send(Job::Write(batch, revision))
+            .map_err(|_| stopped())
+    }
+
+    /// Blocks until every batch queued before is written.
+    pub fn drain(&self) -> Result<(), StoreError> {
+        let (done, wait) = sync_channel(1);
+        self.jobs.send(Job::Drain(done)).map_err(|_| stopped())?;
+        wait.recv().map_err(|_| stopped())?;
+        self.check()
+    }
+
+    /// After a snapshot install replaced the tables (queue drained): they are at `revision`.
+    pub fn reset(&self, revision: u64) {
+        self.written.send_replace(Some(revision));
+    }
+
+    /// How far the tables are written, for readers.
+    pub fn written(&self) -> Written {
+        Written(self.written.subscribe())
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match &*self.failure.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(e) => Err(StoreError::TableWrite(e.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::TableWrite("the table writer stopped".into())
+}
+
+fn run<W>(
+    queue: Receiver<Job>,
+    mut write: W,
+    failure: &Failure,
+    written: &watch::Sender<Option<u64>>,
+) where
+    W: FnMut(WriteBatch) -> Result<(), String>,
+{
+    let mut failed = false;
+    for job in queue {
+        match job {
+            Job::Write(_, _) if failed => {}
+            Job::Write(batch, revision) => match write(batch) {
+                Ok(()) => {
+                    written.send_replace(Some(revision));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "writing the state machine's tables failed");
+                    *failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                    failed = true;
+                    // Readers waiting for a revision wake and find the failure.
+                    written.send_replace(None);
+                }
+            },
+            Job::Drain(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// How far the state machine's tables are written ([`TableWriter`]).
+#[derive(Clone)]
+pub struct Written(watch::Receiver<Option<u64>>);
+
+impl Written {
+    /// Tables that are always written through (tests that write them directly).
+    pub fn always() -> Self {
+        Written(watch::channel(Some(u64::MAX)).1)
+    }
+
+    /// Waits until the tables hold every revision up to `revision`.
+    pub async fn through(&self, revision: u64) -> Result<(), StoreError> {
+        let mut rx = self.0.clone();
+        let reached = rx
+            .wait_for(|w| w.is_none_or(|w| w >= revision))
+            .await
+            .map(|w| *w);
+        match reached {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(StoreError::TableWrite(
+                "the state machine's tables are not written (see the log)".into(),
+            )),
+            Err(_) => Err(stopped()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A writer whose batches are recorded by their byte size, in the order written.
+    fn recording(fail_at: Option<usize>) -> (TableWriter, mpsc::Receiver<usize>) {
+        let (tx, rx) = mpsc::channel();
+        let mut n = 0;
+        let writer = TableWriter::start(
+            move |batch: WriteBatch| {
+                n += 1;
+                if Some(n) == fail_at {
+                    return Err(format!("write {n} failed"));
+                }
+                tx.send(batch.len()).map_err(|e| e.to_string())
+            },
+            5,
+        )
+        .unwrap();
+        (writer, rx)
+    }
+
+    fn batch_of(puts: usize) -> WriteBatch {
+        let mut b = WriteBatch::default();
+        for i in 0..puts {
+            b.put(i.to_be_bytes(), b"v");
+        }
+        b
+    }
+
+    #[tokio::test]
+    async fn batches_are_written_in_order_and_readers_wait_for_theirs() {
+        let (writer, written) = recording(None);
+        let readers = writer.written();
+        readers.through(5).await.unwrap();
+        for (puts, revision) in [(1, 6), (2, 7), (3, 9)] {
+            writer.write(batch_of(puts), revision).unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(10), readers.through(9))
+            .await
+            .expect("revision 9 written")
+            .unwrap();
+        writer.drain().unwrap();
+        assert_eq!(written.try_iter().collect::<Vec<_>>(), [1, 2, 3]);
+        // A revision still to come keeps its reader waiting.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), readers.through(10))
+                .await
+                .is_err()
+        );
+        writer.reset(20);
+        readers.through(20).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_stops_the_writer_and_every_caller_learns_it() {
+        let (writer, written) = recording(Some(2));
+        let readers = writer.written();
+        writer.write(batch_of(1), 6).unwrap();
+        writer.write(batch_of(2), 7).unwrap();
+        let err = writer.drain().unwrap_err().to_string();
+        assert!(err.contains("write 2 failed"), "{err}");
+        assert!(writer.write(batch_of(3), 8).is_err());
+        // Nothing after the failed batch reaches the tables.
+        assert_eq!(written.try_iter().collect::<Vec<_>>(), [1]);
+        let err = tokio::time::timeout(Duration::from_secs(10), readers.through(7))
+            .await
+            .expect("the reader wakes")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not written"), "{err}");
+    }
+}
