@@ -1,7 +1,8 @@
 //! The state machine: applies committed entries to the in-memory [`State`] in batches and
 //! persists each batch (changed znodes, deduplication records, events, last applied log id,
 //! revision and membership) in one RocksDB write batch, so a crash never applies an entry
-//! twice or skips one. Also builds and installs snapshots.
+//! twice or skips one. The batches are written in apply order by the table writer
+//! ([`super::table_writer`]), off the apply. Also builds and installs snapshots.
 //!
 //! Revisions: each log entry carries a batch of commands ([`Proposal`]); every command gets
 //! the next revision as it is applied, so revisions are dense, strictly increasing and the
