@@ -190,7 +190,7 @@ impl Claims {
 
     /// Returns once `claim` is first in its queue. The wait runs on the leader, which applies
     /// the predecessor's deletion first (a follower applies it a replication round later): a
-    /// follower forwards it there in slices of [`FORWARDED_WAIT_SLICE`], and waits on its own
+    /// follower forwards it there in slices of `FORWARDED_WAIT_SLICE`, and waits on its own
     /// state for the rest of a slice when the leader is unknown or cannot be reached. Either
     /// way is correct, since every member applies the same queue; only the wake-up's delay
     /// differs. While the cluster elects a leader this member may not be able to confirm its

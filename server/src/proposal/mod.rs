@@ -2,7 +2,7 @@
 //! follower forwards them over the peer link. The leader stamps its wall-clock time into the
 //! command here, so apply never reads a clock. Linearizable reads pass [`Proposer::read_barrier`]:
 //! the leader confirms its leadership with a quorum (read index), and the serving member waits
-//! until it has applied up to that index. On the leader, [`batch`] groups concurrent commands
+//! until it has applied up to that index. On the leader, `batch` groups concurrent commands
 //! into one log entry.
 
 mod batch;

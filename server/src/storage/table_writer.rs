@@ -15,6 +15,7 @@
 //! returns the error, which stops openraft (a storage error). The tables then hold a whole
 //! prefix of the applied entries, and the rest is applied again from the log on restart.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -116,7 +117,10 @@ fn run<W>(
     for job in queue {
         match job {
             Job::Write(_, _) if failed => {}
-            Job::Write(batch, revision) => match write(batch) {
+            // A panic counts as a failure: readers must not wait for a writer that is gone.
+            Job::Write(batch, revision) => match catch_unwind(AssertUnwindSafe(|| write(batch)))
+                .unwrap_or_else(|_| Err("the write panicked".into()))
+            {
                 Ok(()) => {
                     written.send_replace(Some(revision));
                 }
@@ -169,15 +173,23 @@ mod tests {
 
     use super::*;
 
-    /// A writer whose batches are recorded by their byte size, in the order written.
-    fn recording(fail_at: Option<usize>) -> (TableWriter, mpsc::Receiver<usize>) {
+    /// How the `n`th write of a test writer goes wrong.
+    enum Fault {
+        Fails(usize),
+        Panics(usize),
+    }
+
+    /// A writer whose batches are recorded by their number of puts, in the order written.
+    fn recording(fault: Option<Fault>) -> (TableWriter, mpsc::Receiver<usize>) {
         let (tx, rx) = mpsc::channel();
         let mut n = 0;
         let writer = TableWriter::start(
             move |batch: WriteBatch| {
                 n += 1;
-                if Some(n) == fail_at {
-                    return Err(format!("write {n} failed"));
+                match &fault {
+                    Some(Fault::Fails(at)) if *at == n => return Err(format!("write {n} failed")),
+                    Some(Fault::Panics(at)) if *at == n => panic!("write {n} panicked"),
+                    _ => {}
                 }
                 tx.send(batch.len()).map_err(|e| e.to_string())
             },
@@ -221,7 +233,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_write_stops_the_writer_and_every_caller_learns_it() {
-        let (writer, written) = recording(Some(2));
+        let (writer, written) = recording(Some(Fault::Fails(2)));
         let readers = writer.written();
         writer.write(batch_of(1), 6).unwrap();
         writer.write(batch_of(2), 7).unwrap();
@@ -236,5 +248,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not written"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_counts_as_a_failed_one() {
+        let (writer, written) = recording(Some(Fault::Panics(1)));
+        writer.write(batch_of(1), 6).unwrap();
+        let err = writer.drain().unwrap_err().to_string();
+        assert!(err.contains("panicked"), "{err}");
+        assert!(writer.written().through(6).await.is_err());
+        assert_eq!(written.try_iter().count(), 0);
     }
 }

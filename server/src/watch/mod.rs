@@ -2,7 +2,7 @@
 //! revision whole, the events matching its filter. One task per stream ([`stream::serve`])
 //! delivers live revisions from the [`hub`] to all of the stream's watches in one pass; a
 //! watch that starts in the past, or whose stream fell behind the hub's buffer, first catches
-//! up from the stored history in a task of its own ([`catch_up`]) and is then handed back.
+//! up from the stored history in a task of its own (`catch_up`) and is then handed back.
 //! Every watch tracks the next revision it owes, so switching between the two never skips or
 //! repeats one.
 

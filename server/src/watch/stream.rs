@@ -1,7 +1,7 @@
 //! One watch stream's task: it creates and cancels the stream's watches and delivers each live
 //! revision to all of them in one pass, so a revision costs a stream one wake-up however many
 //! of its watches it reaches. Watches that must first read the stored history do so in a
-//! [`catch_up`] task, which hands them back once it has delivered everything published.
+//! `catch_up` task, which hands them back once it has delivered everything published.
 
 use std::collections::HashMap;
 use std::sync::Arc;
