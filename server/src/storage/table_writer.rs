@@ -17,7 +17,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use rocksdb::WriteBatch;
 use tokio::sync::watch;
@@ -27,6 +27,9 @@ use super::StoreError;
 /// Batches waiting to be written, at most: an apply that finds the queue full waits.
 const QUEUE: usize = 256;
 
+/// How far the tables are written, or why they stopped.
+type Tables = Result<u64, String>;
+
 enum Job {
     /// A batch and the revision the tables reach with it.
     Write(WriteBatch, u64),
@@ -34,14 +37,10 @@ enum Job {
     Drain(SyncSender<()>),
 }
 
-/// The first failed write's error, kept for every later caller.
-type Failure = Arc<Mutex<Option<String>>>;
-
 pub struct TableWriter {
     jobs: SyncSender<Job>,
-    failure: Failure,
-    /// The revision the tables hold; None once a write failed.
-    written: Arc<watch::Sender<Option<u64>>>,
+    /// The revision the tables hold, or the first failed write's error, for every later caller.
+    written: Arc<watch::Sender<Tables>>,
 }
 
 impl TableWriter {
@@ -51,20 +50,15 @@ impl TableWriter {
         W: FnMut(WriteBatch) -> Result<(), String> + Send + 'static,
     {
         let (jobs, queue) = sync_channel(QUEUE);
-        let failure = Failure::default();
-        let written = Arc::new(watch::Sender::new(Some(written)));
+        let written = Arc::new(watch::Sender::new(Ok(written)));
         {
-            let (failure, written) = (failure.clone(), written.clone());
+            let written = written.clone();
             std::thread::Builder::new()
                 .name("kord-table-writer".into())
-                .spawn(move || run(queue, write, &failure, &written))
+                .spawn(move || run(queue, write, &written))
                 .map_err(|e| StoreError::Thread(e.to_string()))?;
         }
-        Ok(TableWriter {
-            jobs,
-            failure,
-            written,
-        })
+        Ok(TableWriter { jobs, written })
     }
 
     /// Queues `batch`, which takes the tables to `revision`.
@@ -85,7 +79,7 @@ impl TableWriter {
 
     /// After a snapshot install replaced the tables (queue drained): they are at `revision`.
     pub fn reset(&self, revision: u64) {
-        self.written.send_replace(Some(revision));
+        self.written.send_modify(|w| *w = Ok(revision));
     }
 
     /// How far the tables are written, for readers.
@@ -94,9 +88,9 @@ impl TableWriter {
     }
 
     fn check(&self) -> Result<(), StoreError> {
-        match &*self.failure.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(e) => Err(StoreError::TableWrite(e.clone())),
-            None => Ok(()),
+        match &*self.written.borrow() {
+            Err(e) => Err(StoreError::TableWrite(e.clone())),
+            Ok(_) => Ok(()),
         }
     }
 }
@@ -105,31 +99,24 @@ fn stopped() -> StoreError {
     StoreError::TableWrite("the table writer stopped".into())
 }
 
-fn run<W>(
-    queue: Receiver<Job>,
-    mut write: W,
-    failure: &Failure,
-    written: &watch::Sender<Option<u64>>,
-) where
+fn run<W>(queue: Receiver<Job>, mut write: W, written: &watch::Sender<Tables>)
+where
     W: FnMut(WriteBatch) -> Result<(), String>,
 {
-    let mut failed = false;
     for job in queue {
         match job {
-            Job::Write(_, _) if failed => {}
+            Job::Write(_, _) if written.borrow().is_err() => {}
             // A panic counts as a failure: readers must not wait for a writer that is gone.
             Job::Write(batch, revision) => match catch_unwind(AssertUnwindSafe(|| write(batch)))
                 .unwrap_or_else(|_| Err("the write panicked".into()))
             {
                 Ok(()) => {
-                    written.send_replace(Some(revision));
+                    written.send_modify(|w| *w = Ok(revision));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "writing the state machine's tables failed");
-                    *failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
-                    failed = true;
                     // Readers waiting for a revision wake and find the failure.
-                    written.send_replace(None);
+                    written.send_modify(|w| *w = Err(e));
                 }
             },
             Job::Drain(done) => {
@@ -141,24 +128,24 @@ fn run<W>(
 
 /// How far the state machine's tables are written ([`TableWriter`]).
 #[derive(Clone)]
-pub struct Written(watch::Receiver<Option<u64>>);
+pub struct Written(watch::Receiver<Tables>);
 
 impl Written {
     /// Tables that are always written through (tests that write them directly).
     pub fn always() -> Self {
-        Written(watch::channel(Some(u64::MAX)).1)
+        Written(watch::channel(Ok(u64::MAX)).1)
     }
 
     /// Waits until the tables hold every revision up to `revision`.
     pub async fn through(&self, revision: u64) -> Result<(), StoreError> {
         let mut rx = self.0.clone();
         let reached = rx
-            .wait_for(|w| w.is_none_or(|w| w >= revision))
+            .wait_for(|w| w.as_ref().map_or(true, |&w| w >= revision))
             .await
-            .map(|w| *w);
+            .map(|w| w.is_ok());
         match reached {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(StoreError::TableWrite(
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::TableWrite(
                 "the state machine's tables are not written (see the log)".into(),
             )),
             Err(_) => Err(stopped()),
