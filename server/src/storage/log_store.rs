@@ -1,7 +1,7 @@
-//! The Raft log for openraft: entries in segment files ([`super::log_file`]); the vote, the
-//! commit point and the purge point in RocksDB. An appended entry is reported persisted to
-//! openraft only after its segment was synced; votes, truncations and purges are durable when
-//! they return.
+//! The Raft log for openraft: entries in segment files ([`super::log_file`]); the commit point
+//! in a file of its own ([`super::commit_point`]); the vote and the purge point in RocksDB. An
+//! appended entry is reported persisted to openraft only after its segment was synced; votes,
+//! truncations and purges are durable when they return.
 //!
 //! Appends are written at once (readable, not yet durable), synced, and only then reported.
 //! Where the sync runs depends on who waits for the report ([`LogFlushed::is_awaited`]):
@@ -39,6 +39,7 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftLogReader};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 
 use super::codec::{self, u64_key};
+use super::commit_point::{self, CommitPointFile};
 use super::log_file::LogFile;
 use super::{cf, cf_handle, to_storage_error, StoreError};
 use crate::metrics::Metrics;
@@ -53,6 +54,7 @@ pub const SEGMENT_BYTES: u64 = 32 << 20;
 pub struct LogStore {
     db: Arc<DB>,
     log: Arc<LogFile>,
+    commit_point: Arc<CommitPointFile>,
     /// The highest committed index openraft reported; shown in status and metrics.
     committed: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -188,19 +190,18 @@ impl LogStore {
                 .spawn(move || run_flusher(log, metrics, waiting))
                 .map_err(|e| StoreError::Thread(e.to_string()))?;
         }
-        let store = LogStore {
+        let commit_point = Arc::new(CommitPointFile::open(log_dir)?);
+        let committed = commit_point::load(&commit_point, &db)?.map_or(0, |c| c.index);
+        Ok(LogStore {
             db,
             log,
-            committed: Arc::new(AtomicU64::new(0)),
+            commit_point,
+            committed: Arc::new(AtomicU64::new(committed)),
             metrics,
             flusher,
             mode,
             purged,
-        };
-        if let Some(c) = read_meta::<Option<LogId>>(&store.db, codec::COMMITTED)?.flatten() {
-            store.committed.store(c.index, Ordering::Relaxed);
-        }
-        Ok(store)
+        })
     }
 
     pub fn committed_index(&self) -> Arc<AtomicU64> {
@@ -356,18 +357,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Through the WAL, not synced: after a crash openraft re-learns the commit index from
-        // the leader. It must survive a process crash, though: a snapshot file can be ahead of
-        // the state machine's tables, and openraft refuses to start with a snapshot above the
-        // commit point (without the WAL this failed `e2e/tests/sessions.rs`'s full restart).
-        // Before a snapshot file is saved the WAL is synced (`SnapshotBuilder::build`).
-        let write = || -> Result<(), StoreError> {
-            let cf = cf_handle(&self.db, cf::RAFT_META)?;
-            self.db
-                .put_cf(cf, codec::COMMITTED, codec::encode(&committed))?;
-            Ok(())
-        };
-        write().map_err(log_err(ErrorVerb::Write))?;
+        // Not synced: after a power loss openraft re-learns the commit point from the leader
+        // (see `commit_point` for what must survive one, and how).
+        self.commit_point
+            .write(committed)
+            .map_err(log_err(ErrorVerb::Write))?;
         if let Some(c) = committed {
             self.committed.fetch_max(c.index, Ordering::Relaxed);
         }
@@ -375,9 +369,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(read_meta::<Option<LogId>>(&self.db, codec::COMMITTED)
-            .map_err(log_err(ErrorVerb::Read))?
-            .flatten())
+        commit_point::load(&self.commit_point, &self.db).map_err(log_err(ErrorVerb::Read))
     }
 
     async fn append<I>(
@@ -527,5 +519,34 @@ mod tests {
         let entries = store.try_get_log_entries(4..=9).await.unwrap();
         assert_eq!(entries.len(), 6);
         assert_eq!(entries[5].log_id, entry(2, 9).log_id);
+    }
+
+    #[tokio::test]
+    async fn the_commit_point_survives_a_reopen_without_touching_rocksdb() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db")).unwrap();
+        let log_dir = dir.path().join("raft-log");
+        let metrics = Arc::new(Metrics::new());
+        let mut store =
+            LogStore::open(db.clone(), &log_dir, SEGMENT_BYTES, metrics.clone()).unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), None);
+        store
+            .save_committed(Some(entry(3, 12).log_id))
+            .await
+            .unwrap();
+        assert_eq!(
+            db.get_cf(cf_handle(&db, cf::RAFT_META).unwrap(), codec::COMMITTED)
+                .unwrap(),
+            None,
+            "a commit is not written to RocksDB"
+        );
+        drop(store);
+
+        let mut store = LogStore::open(db, &log_dir, SEGMENT_BYTES, metrics).unwrap();
+        assert_eq!(store.committed_index().load(Ordering::Relaxed), 12);
+        assert_eq!(
+            store.read_committed().await.unwrap(),
+            Some(entry(3, 12).log_id)
+        );
     }
 }

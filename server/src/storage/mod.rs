@@ -6,6 +6,7 @@
 //! the state machine as of one applied entry.
 
 pub mod codec;
+pub mod commit_point;
 pub mod events;
 pub mod log_file;
 pub mod log_store;
@@ -26,7 +27,7 @@ pub mod cf {
     /// Raft log entries by index, in data dirs written before the segment files; moved out
     /// of it on open (`log_store::move_rocksdb_log`).
     pub const LOG: &str = "log";
-    /// Vote, last purged log id, committed log id.
+    /// Vote, last purged log id, and a floor under the commit point (`commit_point`).
     pub const RAFT_META: &str = "raft_meta";
     /// Znodes by path.
     pub const NODES: &str = "nodes";
@@ -62,6 +63,8 @@ pub enum StoreError {
     TableWrite(String),
     #[error(transparent)]
     LogFile(#[from] log_file::LogFileError),
+    #[error(transparent)]
+    CommitPoint(#[from] commit_point::CommitPointError),
     #[error("snapshot file {path}: {source}")]
     SnapshotFile {
         path: String,

@@ -20,6 +20,7 @@ use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 use serde_bytes::ByteBuf;
 
 use super::codec::{self, u64_key};
+use super::commit_point;
 use super::snapshot::{RawPairs, SnapshotData, SnapshotFile, StoredSnapshot};
 use super::table_writer::{TableWriter, Written};
 use super::{cf, cf_handle, to_storage_error, StoreError};
@@ -392,10 +393,10 @@ impl SnapshotBuilder {
         // On restart openraft requires the snapshot to be at or below the commit point, which
         // it takes as the stored commit point or, if higher, the state machine's applied one.
         // The snapshot file is synced but the state machine's tables may be older (they skip
-        // the WAL), and the commit point, written through the WAL before this entry was
-        // applied, is not synced: sync the WAL first, so that a power loss cannot leave a
-        // snapshot above every commit point on disk (the member would refuse to start).
-        self.db.flush_wal(true)?;
+        // the WAL), and the commit point is not synced: store the snapshot's own index as a
+        // floor under it first, synced, so that a power loss cannot leave a snapshot above
+        // every commit point on disk (the member would refuse to start).
+        commit_point::store_floor(&self.db, last_applied)?;
         self.snapshot_file.save(&stored)?;
         self.metrics.snapshots.inc();
         self.metrics.snapshot_bytes.set(stored.data.len() as i64);
