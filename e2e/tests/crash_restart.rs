@@ -121,6 +121,66 @@ async fn sigkill_after_acknowledged_writes_loses_none_of_them() {
     );
 }
 
+/// A member's local reads never go back in time across a crash: killed with SIGKILL and
+/// restarted alone (no leader to learn the commit point from), it applies again from its log
+/// everything it had applied before, because the commit point it stored survives the crash
+/// (`server/src/storage/commit_point.rs`); its tables, written without RocksDB's WAL, do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_alone_serves_every_write_it_had_applied() {
+    let mut c = Cluster::start(3, ClusterOpts::new()).await;
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    let follower = c.followers().await[0];
+    let mut kv = c.kv(leader);
+    let paths: Vec<String> = (0..50).map(|i| format!("/applied-{i:02}")).collect();
+    for path in &paths {
+        kv.create(create_req(path, path.as_bytes()))
+            .await
+            .unwrap_or_else(|e| panic!("create {path}: {e}"));
+    }
+    let commit = c.status(leader).await.expect("leader status").commit_index;
+    c.wait_applied_equal(commit, Duration::from_secs(10)).await;
+
+    // The others first, so that nothing can commit after the follower's last apply.
+    for id in c.ids() {
+        if id != follower {
+            c.kill(id);
+        }
+    }
+    let before = c
+        .status(follower)
+        .await
+        .expect("follower status")
+        .applied_index;
+    c.kill(follower);
+    c.restart(follower).await;
+    let log = std::fs::read_to_string(c.log_path(follower)).expect("member log");
+    let loaded = loaded_applied_index(&log).expect("a 'loaded the state machine' line");
+    assert!(
+        loaded < before,
+        "the tables held every entry ({loaded} >= {before}): the re-apply was not exercised"
+    );
+    let applied = wait_until(
+        "the restarted member to apply its log again",
+        Duration::from_secs(10),
+        || async {
+            match c.status(follower).await {
+                Ok(s) if s.applied_index >= before => Ok(s.applied_index),
+                Ok(s) => Err(format!("applied_index {} < {before}", s.applied_index)),
+                Err(e) => Err(format!("{:?} {}", e.code(), e.message())),
+            }
+        },
+    )
+    .await;
+    assert_eq!(applied, before, "it applied entries nobody committed");
+    let mut kv = c.kv(follower);
+    for path in &paths {
+        let got = get(&mut kv, path, LOCAL)
+            .await
+            .unwrap_or_else(|e| panic!("local read of {path} after the restart: {e}"));
+        assert_eq!(got.data, path.as_bytes(), "data of {path}");
+    }
+}
+
 #[test]
 fn the_loaded_applied_index_is_read_from_the_last_start() {
     let log = "2026 INFO kord_server::storage::state_machine: loaded the state machine applied_index=7 revision=9\n\
