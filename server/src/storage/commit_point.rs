@@ -22,9 +22,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use rocksdb::{WriteBatch, WriteOptions, DB};
+use rocksdb::{WriteBatch, DB};
 
-use super::{cf, cf_handle, codec, StoreError};
+use super::{cf, cf_handle, codec, read_meta, write_batch_synced, StoreError};
 use crate::raft::LogId;
 
 const RECORD: usize = 64;
@@ -48,21 +48,20 @@ impl CommitPointFile {
     /// it) if missing.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(FILE_NAME);
-        let err = |source| CommitPointError {
-            path: path.clone(),
-            source,
+        let open = || -> io::Result<File> {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            if file.metadata()?.len() < RECORD as u64 {
+                file.write_all_at(&[0; RECORD], 0)?;
+                file.sync_all()?;
+            }
+            Ok(file)
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(err)?;
-        if file.metadata().map_err(err)?.len() < RECORD as u64 {
-            file.write_all_at(&[0; RECORD], 0).map_err(err)?;
-            file.sync_all().map_err(err)?;
-        }
+        let file = open().map_err(io_err(&path))?;
         Ok(CommitPointFile { path, file })
     }
 
@@ -70,7 +69,7 @@ impl CommitPointFile {
     pub fn write(&self, point: Option<LogId>) -> Result<(), StoreError> {
         self.file
             .write_all_at(&encode_record(point), 0)
-            .map_err(|source| self.error(source))?;
+            .map_err(io_err(&self.path))?;
         Ok(())
     }
 
@@ -79,7 +78,7 @@ impl CommitPointFile {
         let mut record = [0; RECORD];
         self.file
             .read_exact_at(&mut record, 0)
-            .map_err(|source| self.error(source))?;
+            .map_err(io_err(&self.path))?;
         if record == [0; RECORD] {
             // Created, never written.
             return Ok(None);
@@ -89,12 +88,12 @@ impl CommitPointFile {
             None
         }))
     }
+}
 
-    fn error(&self, source: io::Error) -> CommitPointError {
-        CommitPointError {
-            path: self.path.clone(),
-            source,
-        }
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CommitPointError + '_ {
+    move |source| CommitPointError {
+        path: path.to_owned(),
+        source,
     }
 }
 
@@ -127,11 +126,7 @@ fn decode_record(record: &[u8; RECORD]) -> Option<Option<LogId>> {
 
 /// The commit point to start from: the higher of the file's and the floor in RocksDB.
 pub fn load(file: &CommitPointFile, db: &DB) -> Result<Option<LogId>, StoreError> {
-    let floor: Option<LogId> =
-        match db.get_pinned_cf(cf_handle(db, cf::RAFT_META)?, codec::COMMITTED)? {
-            Some(bytes) => codec::decode::<Option<LogId>>("commit point", &bytes)?,
-            None => None,
-        };
+    let floor = read_meta::<Option<LogId>>(db, codec::COMMITTED)?.flatten();
     Ok(file.read()?.max(floor))
 }
 
@@ -144,10 +139,7 @@ pub fn store_floor(db: &DB, point: Option<LogId>) -> Result<(), StoreError> {
         codec::COMMITTED,
         codec::encode(&point),
     );
-    let mut opts = WriteOptions::default();
-    opts.set_sync(true);
-    db.write_opt(batch, &opts)?;
-    Ok(())
+    write_batch_synced(db, batch)
 }
 
 #[cfg(test)]

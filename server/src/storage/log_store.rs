@@ -36,12 +36,12 @@ use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftLogReader};
-use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
+use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::codec::{self, u64_key};
 use super::commit_point::{self, CommitPointFile};
 use super::log_file::LogFile;
-use super::{cf, cf_handle, to_storage_error, StoreError};
+use super::{cf, cf_handle, read_meta, to_storage_error, write_batch_synced, StoreError};
 use crate::metrics::Metrics;
 use crate::raft::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
@@ -243,14 +243,6 @@ impl LogStore {
     }
 }
 
-fn read_meta<T: serde::de::DeserializeOwned>(db: &DB, key: &[u8]) -> Result<Option<T>, StoreError> {
-    let cf = cf_handle(db, cf::RAFT_META)?;
-    match db.get_pinned_cf(cf, key)? {
-        Some(bytes) => Ok(Some(codec::decode("raft meta", &bytes)?)),
-        None => Ok(None),
-    }
-}
-
 /// Moves entries from RocksDB's log column family (where data dirs before the segment files
 /// kept them) into the segment files, synced, then deletes them there, synced. Idempotent: a
 /// crash between the two steps finds the entries in both and copies none twice.
@@ -283,14 +275,6 @@ fn move_rocksdb_log(db: &DB, log: &LogFile, last_purged: Option<LogId>) -> Resul
     let mut batch = WriteBatch::default();
     batch.delete_range_cf(cf, u64_key(0), u64_key(u64::MAX));
     write_batch_synced(db, batch)
-}
-
-/// Writes a batch through RocksDB's WAL and syncs it.
-fn write_batch_synced(db: &DB, batch: WriteBatch) -> Result<(), StoreError> {
-    let mut opts = WriteOptions::default();
-    opts.set_sync(true);
-    db.write_opt(batch, &opts)?;
-    Ok(())
 }
 
 fn log_err(verb: ErrorVerb) -> impl FnOnce(StoreError) -> StorageError {

@@ -106,6 +106,26 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, StoreError> {
     Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
 }
 
+/// A value of the Raft metadata column family ([`cf::RAFT_META`]).
+pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(
+    db: &DB,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    let cf = cf_handle(db, cf::RAFT_META)?;
+    match db.get_pinned_cf(cf, key)? {
+        Some(bytes) => Ok(Some(codec::decode("raft meta", &bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes a batch through RocksDB's WAL and syncs it.
+pub(crate) fn write_batch_synced(db: &DB, batch: rocksdb::WriteBatch) -> Result<(), StoreError> {
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts)?;
+    Ok(())
+}
+
 /// Flushes every column family's memtable to tables (one atomic flush) and waits: after it,
 /// every state-machine batch written so far is durable.
 pub(crate) fn flush_tables(db: &DB) -> Result<(), StoreError> {
